@@ -1,0 +1,52 @@
+"""The embedded default: synthetic phantoms, trained on a laptop CPU in minutes.
+
+    python train.py                        # generates phantoms once, trains, evaluates
+    python train.py --config.data.dir=/path/to/rsna   # the same on real data
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""  # RSNA-layout folder; empty: generate phantoms (below) once and reuse them
+    c.data.cache_dir = ""  # prepared cache; empty: <workdir>/../cspine_cache/<hash of data+grid>
+    c.data.phantom = ml_collections.ConfigDict(
+        dict(num_studies=240, seed=0, size="demo", mask_fraction=0.3, box_fraction=0.5))
+    c.data.grid = 128  # in-plane pixels after resize (H = W)
+    c.data.spacing_z = 2.0  # mm between prepared slices
+    c.data.windows = ((400.0, 1800.0), (40.0, 400.0))  # (centre, width) HU: bone, soft tissue
+    c.data.context = 3  # K adjacent slices stacked as channels
+    c.data.num_slices = 24  # S slices drawn along z per training example
+    c.data.num_folds = 5
+    c.data.fold = 0  # held-out fold
+    c.data.workers = 0  # grain worker processes (0: in the main process)
+    c.data.positive_oversample = 1.0  # sampling weight multiplier of positive studies
+    c.data.augment = ml_collections.ConfigDict(
+        dict(flip=True, rotate_deg=10.0, scale=0.1, intensity=0.05, noise=0.02))
+
+    c.model = ml_collections.ConfigDict()
+    c.model.widths = (16, 32, 64, 96)  # channels of the backbone stages
+    c.model.depths = (1, 1, 2, 2)  # residual blocks per stage
+    c.model.decoder_width = 32
+    c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+
+    c.loss = ml_collections.ConfigDict(dict(study=1.0, seg_ce=1.0, seg_dice=1.0, slice=0.5))
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.batch_size = 8  # global, studies per step
+    c.optim.grad_accum = 1
+    c.optim.steps = 600
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 50
+    c.optim.weight_decay = 1e-4
+    c.optim.clip_norm = 1.0
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=2))
+    c.log = ml_collections.ConfigDict(dict(every=20, eval_every=200, images=True))
+    c.distributed = ml_collections.ConfigDict(
+        dict(coordinator="", num_processes=1, process_id=0))
+    return c
