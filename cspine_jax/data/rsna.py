@@ -132,34 +132,44 @@ def load_index(data_dir: str, *, require_images: bool = True) -> list[Study]:
     return studies
 
 
-def _strata(study: Study) -> tuple[str, str, str]:
-    """The study's strata, finest first: rarest fractured level + mask, sign + mask, sign."""
+def _strata(labels: np.ndarray, has_mask: bool) -> tuple[str, str, str]:
+    """A study's strata, finest first: rarest fractured level + mask, sign + mask, sign."""
     sign, level = "negative", "negative"
-    if study.labels is not None and study.labels[0] > 0:
+    if labels[0] > 0:
         rarest_first = ("C3", "C4", "C1", "C5", "C6", "C2", "C7")
-        fractured = {VERTEBRAE[i] for i in np.flatnonzero(study.labels[1:])}
+        fractured = {VERTEBRAE[i] for i in np.flatnonzero(labels[1:])}
         sign, level = "positive", next(v for v in rarest_first if v in fractured)
-    mask = f"mask={study.mask_path is not None}"
+    mask = f"mask={bool(has_mask)}"
     return f"{level}|{mask}", f"{sign}|{mask}", sign
 
 
-def kfold_assignments(studies: Sequence[Study], num_folds: int, seed: int) -> np.ndarray:
-    """Study-level K-fold split stratified on the labels: (n_studies,) int fold ids.
+def kfold_assignments(
+    labels: np.ndarray, has_mask: np.ndarray, num_folds: int, seed: int
+) -> np.ndarray:
+    """Study-level K-fold split stratified on the labels.
 
-    Uses the finest stratification whose every stratum has at least `num_folds` studies,
-    so scikit-learn's StratifiedKFold can spread each stratum over all folds.
+    Args:
+      labels: (n_studies, 8) targets `[patient_overall, C1..C7]`.
+      has_mask: (n_studies,) whether each study has a segmentation.
+      num_folds: number of folds K >= 2.
+      seed: shuffling seed.
+
+    Returns:
+      (n_studies,) int64 fold ids in [0, K). Uses the finest stratification whose every
+      stratum has at least K studies, so scikit-learn's StratifiedKFold spreads each
+      stratum over all folds.
     """
-    if num_folds < 2 or len(studies) < num_folds:
+    if num_folds < 2 or len(labels) < num_folds:
         raise ValueError(f"need at least {num_folds} >= 2 studies for {num_folds} folds")
-    per_study = [_strata(s) for s in studies]
-    keys = ["all"] * len(studies)
+    per_study = [_strata(y, m) for y, m in zip(labels, has_mask, strict=True)]
+    keys = ["all"] * len(labels)
     for level in range(3):
         candidate = [strata[level] for strata in per_study]
         if min(Counter(candidate).values()) >= num_folds:
             keys = candidate
             break
     splitter = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
-    folds = np.zeros(len(studies), np.int64)
+    folds = np.zeros(len(labels), np.int64)
     for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(keys)), keys)):
         folds[held_out] = fold
     return folds
