@@ -49,6 +49,8 @@ def test_index_reads_labels_boxes_and_masks(tmp_path):
         ({"1.2.3": (1, 0, 2, 0, 0, 0, 0, 0)}, [], "is not 0 or 1"),
         ({"1.2.3": (0, 0, 1, 0, 0, 0, 0, 0)}, [], "patient_overall=0"),
         ({"1.2.3": (0,) * 8}, [("9.9.9", 1, 1, 1, 1, 5)], "unknown StudyInstanceUID 9.9.9"),
+        ({"1..2": (0,) * 8}, [], "'1..2' is not a safe identifier"),
+        ({"a/b": (0,) * 8}, [], "is not a safe identifier"),
     ],
 )
 def test_index_rejects_bad_csvs(tmp_path, labels, boxes, message):

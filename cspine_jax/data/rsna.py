@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -29,6 +30,8 @@ POSITIVE_WEIGHTS = np.array([14, 2, 2, 2, 2, 2, 2, 2], np.float32)
 TRAIN_COLUMNS = ("StudyInstanceUID", *LABEL_COLUMNS)
 BOX_COLUMNS = ("StudyInstanceUID", "x", "y", "width", "height", "slice_number")
 TEST_COLUMNS = ("StudyInstanceUID", "prediction_type", "row_id")
+# Study IDs become folder names in caches and reports: no separators, no '..', no dotfiles.
+_SAFE_UID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
 
 
 class DatasetError(ValueError):
@@ -68,6 +71,13 @@ def _read_csv(path: str, columns: Sequence[str]) -> list[dict[str, str]]:
         return list(reader)
 
 
+def _uid(value: str, where: str) -> str:
+    uid = value.strip()
+    if not _SAFE_UID.fullmatch(uid) or ".." in uid:
+        raise DatasetError(f"{where}: StudyInstanceUID {uid!r} is not a safe identifier")
+    return uid
+
+
 def _binary(value: str, where: str) -> float:
     if value.strip() not in ("0", "1", "0.0", "1.0"):
         raise DatasetError(f"{where}: label {value!r} is not 0 or 1")
@@ -88,7 +98,7 @@ def load_index(data_dir: str, *, require_images: bool = True) -> list[Study]:
     if os.path.exists(train_csv):
         for row_no, row in enumerate(_read_csv(train_csv, TRAIN_COLUMNS), start=2):
             where = f"{train_csv}:{row_no}"
-            uid = row["StudyInstanceUID"].strip()
+            uid = _uid(row["StudyInstanceUID"], where)
             if uid in labels:
                 raise DatasetError(f"{where}: duplicate StudyInstanceUID {uid}")
             y = np.array([_binary(row[c], where) for c in LABEL_COLUMNS], np.float32)
@@ -96,8 +106,8 @@ def load_index(data_dir: str, *, require_images: bool = True) -> list[Study]:
                 raise DatasetError(f"{where}: patient_overall={y[0]:g} but C1..C7={y[1:]}")
             labels[uid] = y
     elif os.path.exists(test_csv):
-        for row in _read_csv(test_csv, TEST_COLUMNS):
-            labels.setdefault(row["StudyInstanceUID"].strip(), None)
+        for row_no, row in enumerate(_read_csv(test_csv, TEST_COLUMNS), start=2):
+            labels.setdefault(_uid(row["StudyInstanceUID"], f"{test_csv}:{row_no}"), None)
     else:
         raise DatasetError(f"{data_dir}: neither train.csv nor test.csv found")
 

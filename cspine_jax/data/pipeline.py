@@ -1,0 +1,165 @@
+"""Grain input pipeline: prepared studies -> batches of 2.5D slice stacks.
+
+One example is one study: S slice centres drawn along z (evenly spaced bins, jittered in
+training), each with its K neighbours stacked as channels. Every transform is a
+`MapDataset` transform keyed by the element's index, so the stream is a pure function of
+(seed, step): deterministic for any worker count, and an iterator state of a few integers
+restores it exactly.
+
+Example (leading batch dim B after batching):
+  image:          float32 (S, G, G, K * n_windows) windowed HU in ~[0, 1], channel order
+                  (slice offset -K//2..K//2, window)
+  mask:           int32   (S, G, G) centre-slice vertebra label, 0 bg / 1-7 C1-C7 (thoracic -> 0)
+  has_mask:       float32 ()  1 where the study has a segmentation
+  slice_fracture: float32 (S,) 1 where a fracture box touches the slice
+  has_boxes:      float32 ()
+  labels:         float32 (8,) [patient_overall, C1..C7] (zeros for unlabelled studies)
+  valid:          float32 (S,) 1 for real slices
+  study_index:    int32   () the study's index in the entry list given to the dataset
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+from scipy import ndimage
+
+from cspine_jax.data import cache
+
+NUM_VERTEBRAE = 7
+
+
+def sample_centres(num_slices: int, count: int, rng: np.random.Generator | None) -> np.ndarray:
+    """(count,) int64 slice indices, one per equal bin along z; bin middles when rng is None."""
+    edges = np.linspace(0.0, num_slices, count + 1)
+    fraction = 0.5 if rng is None else rng.random(count)
+    centres = np.floor(edges[:-1] + fraction * (edges[1:] - edges[:-1]))
+    return centres.astype(np.int64).clip(0, num_slices - 1)
+
+
+def stack_context(image: np.ndarray, centres: np.ndarray, context: int) -> np.ndarray:
+    """(z', G, G, W) uint8 volume -> (S, G, G, K * W) stacks around `centres` (edge-clamped)."""
+    offsets = np.arange(context) - context // 2
+    index = (centres[:, None] + offsets[None, :]).clip(0, image.shape[0] - 1)
+    stacks = np.asarray(image[index.ravel()]).reshape(len(centres), context, *image.shape[1:])
+    s, k, h, w, c = stacks.shape
+    return stacks.transpose(0, 2, 3, 1, 4).reshape(s, h, w, k * c)
+
+
+def _augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+             aug: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """One random in-plane flip/rotation/scale and intensity change for the whole study."""
+    if aug["flip"] and rng.random() < 0.5:
+        image, mask = image[:, :, ::-1], mask[:, :, ::-1]
+    angle = np.deg2rad(rng.uniform(-aug["rotate_deg"], aug["rotate_deg"]))
+    scale = 1.0 + rng.uniform(-aug["scale"], aug["scale"])
+    if angle or scale != 1.0:
+        size = image.shape[1]
+        centre = (size - 1) / 2.0
+        yy, xx = np.meshgrid(np.arange(size) - centre, np.arange(size) - centre, indexing="ij")
+        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+        coords = np.stack([cos * yy - sin * xx + centre, sin * yy + cos * xx + centre])
+        image = np.stack([
+            np.stack([ndimage.map_coordinates(image[s, ..., c], coords, order=1, mode="nearest")
+                      for c in range(image.shape[-1])], axis=-1)
+            for s in range(image.shape[0])])
+        mask = np.stack([ndimage.map_coordinates(m, coords, order=0, mode="constant")
+                         for m in mask])
+    gain = 1.0 + rng.uniform(-aug["intensity"], aug["intensity"])
+    bias = rng.uniform(-aug["intensity"], aug["intensity"])
+    image = image * gain + bias + rng.normal(0.0, aug["noise"], image.shape).astype(np.float32)
+    return image.astype(np.float32), np.ascontiguousarray(mask)
+
+
+class SampleStudy(grain.transforms.RandomMap):
+    """cache.Entry (+ its index) -> one training or evaluation example (see module doc)."""
+
+    def __init__(self, data_config: Mapping[str, Any], train: bool):
+        self.num_slices = int(data_config["num_slices"])
+        self.context = int(data_config["context"])
+        self.augment = dict(data_config["augment"]) if train else None
+
+    def random_map(self, element: tuple[int, cache.Entry],
+                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+        index, entry = element
+        image = entry.image()
+        centres = sample_centres(image.shape[0], self.num_slices,
+                                 rng if self.augment is not None else None)
+        stacks = stack_context(image, centres, self.context).astype(np.float32) / 255.0
+        volume_mask = entry.mask()
+        if volume_mask is None:
+            mask = np.zeros(stacks.shape[:3], np.uint8)
+        else:
+            mask = np.asarray(volume_mask[centres])
+            mask = np.where(mask <= NUM_VERTEBRAE, mask, 0).astype(np.uint8)
+        if self.augment is not None:
+            stacks, mask = _augment(stacks, mask, rng, self.augment)
+        labels = np.zeros(8, np.float32) if entry.labels is None else entry.labels
+        return {
+            "image": stacks,
+            "mask": mask.astype(np.int32),
+            "has_mask": np.float32(entry.has_mask),
+            "slice_fracture": entry.slice_fracture()[centres].astype(np.float32),
+            "has_boxes": np.float32(entry.has_boxes),
+            "labels": labels.astype(np.float32),
+            "valid": np.ones(self.num_slices, np.float32),
+            "study_index": np.int32(index),
+        }
+
+
+def _with_index(entries: Sequence[cache.Entry]) -> list[tuple[int, cache.Entry]]:
+    return list(enumerate(entries))
+
+
+def oversampled(entries: Sequence[cache.Entry], factor: float, seed: int) -> list[int]:
+    """Entry indices with each positive study repeated ~`factor` times (1.0: no change)."""
+    rng = np.random.default_rng(seed)
+    order = []
+    for i, entry in enumerate(entries):
+        positive = entry.labels is not None and entry.labels[0] > 0
+        copies = 1
+        if positive and factor != 1.0:
+            copies = int(np.floor(factor)) + int(rng.random() < factor - np.floor(factor))
+        order += [i] * copies
+    return order
+
+
+def train_dataset(entries: Sequence[cache.Entry], data_config: Mapping[str, Any], *, seed: int,
+                  global_batch: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+    """Infinite, shuffled, augmented batches of this process's share of each global batch.
+
+    Process p takes elements p, p + P, p + 2P, ... of the global stream, so the union over
+    processes of step t's batches is exactly the global batch t of a single process.
+    """
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} not divisible by {process_count} processes")
+    indexed = _with_index(entries)
+    order = oversampled(entries, float(data_config["positive_oversample"]), seed)
+    ds = grain.MapDataset.source([indexed[i] for i in order]).shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(SampleStudy(data_config, train=True), seed=seed)
+    ds = ds[process_index::process_count]
+    return ds.batch(global_batch // process_count, drop_remainder=True)
+
+
+def eval_dataset(entries: Sequence[cache.Entry], data_config: Mapping[str, Any],
+                 batch_size: int) -> grain.MapDataset:
+    """One deterministic pass over `entries` (evenly spaced slices, no augmentation)."""
+    ds = grain.MapDataset.source(_with_index(entries))
+    ds = ds.random_map(SampleStudy(data_config, train=False), seed=0)
+    return ds.batch(batch_size, drop_remainder=False)
+
+
+def iterate(ds: grain.MapDataset, workers: int = 0) -> grain.DatasetIterator:
+    """An iterator with `get_state`/`set_state`; `workers` > 0 prefetches in processes."""
+    it_ds = ds.to_iter_dataset()
+    if workers > 0:
+        # Grain's workers read its absl flags; outside an absl app nobody parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it_ds)

@@ -1,0 +1,135 @@
+"""Series -> model grid: resampling and windowing shared by the cache and by inference.
+
+Training (through `prepare`) and whole-study inference (`predict`) call the same functions,
+so a model always sees studies preprocessed one way.
+
+Grid: a study becomes (z', G, G) with the whole field of view resized to G x G pixels and
+slices resampled to a fixed spacing `spacing_z` (mm), most superior slice first. Downsampling
+uses an antialiasing triangle filter so thin structures (fracture gaps, cortex) fade
+rather than alias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from cspine_jax.data.dicom import Series
+
+
+def interpolation_matrix(n_in: int, positions: np.ndarray, step: float) -> np.ndarray:
+    """(n_out, n_in) float32 linear-interpolation weights, antialiased for downsampling.
+
+    Args:
+      n_in: input samples along the axis.
+      positions: (n_out,) output sample positions in input index units.
+      step: output spacing in input index units; > 1 widens the triangle kernel to it.
+    """
+    width = max(1.0, step)
+    taps = int(np.ceil(2 * width)) + 1
+    index = np.floor(positions - width).astype(np.int64)[:, None] + 1 + np.arange(taps)
+    weights = np.maximum(0.0, 1.0 - np.abs(index - positions[:, None]) / width)
+    matrix = np.zeros((len(positions), n_in), np.float64)
+    # Taps beyond the edge fold back onto the edge sample (clamp-to-edge).
+    rows = np.repeat(np.arange(len(positions)), taps)
+    np.add.at(matrix, (rows, np.clip(index, 0, n_in - 1).ravel()), weights.ravel())
+    matrix /= matrix.sum(axis=1, keepdims=True)
+    return matrix.astype(np.float32)
+
+
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights mapping pixel centres of n_in samples onto n_out samples."""
+    step = n_in / n_out
+    return interpolation_matrix(n_in, (np.arange(n_out) + 0.5) * step - 0.5, step)
+
+
+def slice_positions(num_slices: int, dz: float, spacing_z: float) -> np.ndarray:
+    """(z',) prepared slice positions in source slice index units, superior first."""
+    extent = (num_slices - 1) * dz
+    return np.arange(int(np.floor(extent / spacing_z + 1e-6)) + 1) * spacing_z / dz
+
+
+def resample_hu(hu: np.ndarray, spacing: Sequence[float], grid: int,
+                spacing_z: float) -> np.ndarray:
+    """(z, y, x) HU at `spacing` (dz, dy, dx) mm -> (z', grid, grid) float32 HU.
+
+    The whole field of view is resized in-plane to grid x grid; z is resampled to
+    `spacing_z` mm starting at the most superior slice.
+    """
+    z, h, w = hu.shape
+    ry, rx = resize_matrix(h, grid), resize_matrix(w, grid)
+    planar = np.matmul(ry, np.matmul(hu, rx.T))  # (z, grid, grid), BLAS does the work
+    rz = interpolation_matrix(z, slice_positions(z, spacing[0], spacing_z), spacing_z / spacing[0])
+    return np.matmul(rz, planar.reshape(z, -1)).reshape(-1, grid, grid)
+
+
+def resample_labels(labels: np.ndarray, spacing: Sequence[float], grid: int,
+                    spacing_z: float) -> np.ndarray:
+    """(z, y, x) integer labels -> (z', grid, grid) uint8 by nearest neighbour."""
+    z, h, w = labels.shape
+    zi = np.rint(slice_positions(z, spacing[0], spacing_z)).astype(np.int64).clip(0, z - 1)
+    yi = np.floor((np.arange(grid) + 0.5) * h / grid).astype(np.int64)
+    xi = np.floor((np.arange(grid) + 0.5) * w / grid).astype(np.int64)
+    return labels[np.ix_(zi, yi, xi)].astype(np.uint8)
+
+
+def window(hu: np.ndarray, windows: Sequence[Sequence[float]]) -> np.ndarray:
+    """HU (...) -> uint8 (..., n_windows): each (centre, width) window mapped to 0..255."""
+    out = np.empty((*hu.shape, len(windows)), np.uint8)
+    for i, (centre, width) in enumerate(windows):
+        scaled = (hu - (centre - width / 2)) * (255.0 / width)
+        np.clip(scaled, 0, 255, out=scaled)
+        out[..., i] = np.rint(scaled)
+    return out
+
+
+def fracture_slices(series: Series, box_slice_numbers: np.ndarray, spacing_z: float) -> np.ndarray:
+    """(z',) float32: 1 where a prepared slice lies within half a step of a boxed slice.
+
+    Args:
+      series: the source series (its slice_numbers map file numbers to z indices).
+      box_slice_numbers: file numbers `n` of slices that carry a fracture box.
+      spacing_z: prepared slice spacing, mm.
+    """
+    positions = slice_positions(len(series.slice_numbers), series.spacing[0], spacing_z)
+    flags = np.zeros(len(positions), np.float32)
+    boxed = np.flatnonzero(np.isin(series.slice_numbers, box_slice_numbers))
+    if len(boxed):
+        half_step = 0.5 * max(spacing_z / series.spacing[0], 1.0)
+        distance = np.abs(positions[:, None] - boxed[None, :])
+        flags[(distance <= half_step + 1e-6).any(axis=1)] = 1.0
+    return flags
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """One study on the model grid.
+
+    Attributes:
+      image: (z', G, G, n_windows) uint8 windowed HU, most superior slice first.
+      mask: (z', G, G) uint8 vertebra labels (0 bg, 1-7 C1-C7, 8+ thoracic), or None.
+      slice_fracture: (z',) float32 1 where a fracture box touches the slice.
+      spacing: (spacing_z, dy, dx) mm of the prepared grid.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    slice_fracture: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def prepare_series(series: Series, *, grid: int, spacing_z: float,
+                   windows: Sequence[Sequence[float]], mask: np.ndarray | None = None,
+                   box_slice_numbers: np.ndarray | None = None) -> Prepared:
+    """Resamples and windows one series (and its aligned mask) onto the model grid."""
+    _, h, w = series.hu.shape
+    dy, dx = series.spacing[1] * h / grid, series.spacing[2] * w / grid
+    boxes = np.zeros(0) if box_slice_numbers is None else box_slice_numbers
+    return Prepared(
+        image=window(resample_hu(series.hu, series.spacing, grid, spacing_z), windows),
+        mask=None if mask is None else resample_labels(mask, series.spacing, grid, spacing_z),
+        slice_fracture=fracture_slices(series, boxes, spacing_z),
+        spacing=(float(spacing_z), float(dy), float(dx)),
+    )
