@@ -19,7 +19,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 VERTEBRAE = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
 LABEL_COLUMNS = ("patient_overall", *VERTEBRAE)
@@ -169,6 +168,9 @@ def kfold_assignments(
       stratum has at least K studies, so scikit-learn's StratifiedKFold spreads each
       stratum over all folds.
     """
+    # Imported here: prepare's worker processes import this module and never split.
+    from sklearn.model_selection import StratifiedKFold
+
     if num_folds < 2 or len(labels) < num_folds:
         raise ValueError(f"need at least {num_folds} >= 2 studies for {num_folds} folds")
     per_study = [_strata(y, m) for y, m in zip(labels, has_mask, strict=True)]

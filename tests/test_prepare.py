@@ -1,0 +1,135 @@
+"""Preprocessing onto the model grid, and the resumable, failure-tolerant prepare job."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cspine_jax.data import cache, dicom, nifti, prepare, preprocess, rsna
+
+PARAMS = {"grid": 16, "spacing_z": 2.0, "windows": [[400.0, 1800.0], [40.0, 400.0]]}
+
+
+def test_resize_preserves_constants_and_means():
+    m = preprocess.resize_matrix(64, 16)
+    np.testing.assert_allclose(m.sum(axis=1), 1.0, rtol=1e-6)
+    x = np.random.default_rng(0).normal(size=64).astype(np.float32)
+    # Antialiased 4x reduction: every input sample contributes, the mean is kept.
+    assert (m.sum(axis=0) > 0).all()
+    assert abs((m @ x).mean() - x.mean()) < 0.05
+    ramp = np.arange(64, dtype=np.float32)
+    np.testing.assert_allclose(m[2:-2] @ ramp, (np.arange(16)[2:-2] + 0.5) * 4 - 0.5, atol=1e-4)
+
+
+def test_resample_hu_follows_spacing():
+    z, spacing = 21, (1.0, 0.5, 0.5)
+    hu = np.broadcast_to(np.arange(z, dtype=np.float32)[:, None, None] * 10, (z, 32, 32))
+    out = preprocess.resample_hu(hu, spacing, grid=8, spacing_z=2.5)
+    assert out.shape == (9, 8, 8)  # 20 mm of slices every 2.5 mm
+    # Slice j lies at 2.5 j mm, i.e. source index 2.5 j; its value is kept (interior slices).
+    np.testing.assert_allclose(out[1:-1, 4, 4], 25.0 * np.arange(1, 8), atol=1e-3)
+
+
+def test_window_maps_to_uint8():
+    hu = np.array([-2000.0, -500.0, 400.0, 1300.0, 3000.0])
+    w = preprocess.window(hu, [[400.0, 1800.0]])
+    assert w.dtype == np.uint8
+    assert w[:, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def _series(uid, z, reverse=False, hw=24):
+    numbers = np.arange(z, 0, -1) if reverse else np.arange(1, z + 1)
+    hu = np.full((z, hw, hw), -1000.0, np.float32)
+    hu[:, 8:16, 8:16] = 1000.0 + 10 * np.arange(z)[:, None, None]
+    positions = np.stack([np.full(z, -50.0), np.full(z, -60.0), 100.0 - np.arange(z)], axis=1)
+    return dicom.Series(uid, hu, (1.0, 0.8, 0.8), positions, (1, 0, 0, 0, 1, 0), numbers)
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    """Three tiny studies: one with a mask and boxes, one reverse-numbered, one corrupt."""
+    root = tmp_path / "rsna"
+    rows = []
+    for i, uid in enumerate(["1.2.1", "1.2.2", "1.2.3"]):
+        series = _series(uid, 12, reverse=i == 1)
+        dicom.write_series(root / "train_images" / uid, series)
+        rows.append(f"{uid},{int(i == 0)},{int(i == 0)},0,0,0,0,0,0")
+        if i == 0:
+            os.makedirs(root / "segmentations")
+            labels = np.zeros(series.shape, np.uint8)
+            labels[:, 8:16, 8:16] = 1
+            nifti.write_mask(root / "segmentations" / f"{uid}.nii", labels, series)
+    (root / "train.csv").write_text(",".join(rsna.TRAIN_COLUMNS) + "\n" + "\n".join(rows) + "\n")
+    (root / "train_bounding_boxes.csv").write_text(
+        ",".join(rsna.BOX_COLUMNS) + "\n1.2.1,8,8,8,8,5\n1.2.1,8,8,8,8,6\n")
+    # Study 3: a slice cut short mid-pixel-data.
+    victim = root / "train_images" / "1.2.3" / "7.dcm"
+    victim.write_bytes(victim.read_bytes()[:-300])
+    return str(root)
+
+
+def test_prepare_writes_entries_reports_failures_and_resumes(dataset, tmp_path):
+    out = str(tmp_path / "cache")
+    summary = prepare.prepare_dataset(dataset, out, PARAMS, workers=0, progress=False)
+    assert summary.prepared == ["1.2.1", "1.2.2"]
+    assert list(summary.failed) == ["1.2.3"]
+    assert "7.dcm" in summary.failed["1.2.3"]
+    assert "FAILED 1.2.3" in "\n".join(summary.lines())
+    with open(os.path.join(out, "failures-0.json")) as f:
+        assert list(json.load(f)) == ["1.2.3"]
+
+    entries = {e.uid: e for e in cache.read_entries(out)}
+    assert sorted(entries) == ["1.2.1", "1.2.2"]
+    first = entries["1.2.1"]
+    assert first.has_mask and first.has_boxes and first.num_slices == 6  # 11 mm / 2 mm + 1
+    assert first.image().shape == (6, 16, 16, 2) and first.image().dtype == np.uint8
+    assert first.mask()[:, 8, 8].tolist() == [1] * 6
+    # Boxes on files 5 and 6 (4-5 mm below the top) mark the slices at 4 and 6 mm.
+    assert first.slice_fracture().tolist() == [0, 0, 1, 1, 0, 0]
+    # Reverse numbering changes nothing once slices are ordered by position.
+    np.testing.assert_array_equal(entries["1.2.2"].image(), first.image())
+
+    again = prepare.prepare_dataset(dataset, out, PARAMS, workers=0, progress=False)
+    assert again.prepared == [] and again.skipped == ["1.2.1", "1.2.2"]
+    assert list(again.failed) == ["1.2.3"]
+
+
+def test_prepare_refuses_a_cache_with_other_parameters(dataset, tmp_path):
+    out = str(tmp_path / "cache")
+    prepare.prepare_dataset(dataset, out, PARAMS, workers=0, progress=False)
+    with pytest.raises(cache.CacheError, match="prepared with"):
+        prepare.prepare_dataset(dataset, out, {**PARAMS, "grid": 32}, workers=0, progress=False)
+
+
+def test_interrupted_study_leaves_no_entry(dataset, tmp_path, monkeypatch):
+    out = str(tmp_path / "cache")
+
+    def crash(path, array):  # dies while writing the second array of a study
+        if path.endswith("slice_fracture.npy"):
+            raise KeyboardInterrupt
+        np.lib.format.write_array(open(path, "wb"), array)
+
+    monkeypatch.setattr(cache.np, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_dataset(dataset, out, PARAMS, workers=0, progress=False)
+    assert os.listdir(os.path.join(out, "studies")) == []
+    monkeypatch.undo()
+    summary = prepare.prepare_dataset(dataset, out, PARAMS, workers=0, progress=False)
+    assert summary.prepared == ["1.2.1", "1.2.2"]
+
+
+def test_cli_shards_and_workers(dataset, tmp_path):
+    out = str(tmp_path / "cache")
+    for shard in (0, 1):
+        result = subprocess.run(
+            [sys.executable, "-m", "cspine_jax.data.prepare", f"--data={dataset}", f"--out={out}",
+             "--workers=2", f"--shard={shard}", "--num_shards=2", "--config.data.grid=16"],
+            capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert "prepared" in result.stdout
+    # Shard 0 holds studies 1 and 3 (3 fails), shard 1 holds study 2.
+    assert sorted(e.uid for e in cache.read_entries(out)) == ["1.2.1", "1.2.2"]
+    assert cache.read_params(out)["grid"] == 16
