@@ -1,0 +1,189 @@
+"""SpineNet: one 2.5D network for vertebra segmentation, slice and study fracture logits.
+
+Every slice of a study goes through the same encoder (backbone, segmentation decoder, slice
+classifier); the study head pools the per-slice logits over z, weighted by the segmentation's
+own per-slice vertebra presence. Per-slice work and pooling are separate methods, so whole-study
+inference can encode slices in chunks of any size and pool once.
+
+Config (`config.model`; fields after `dtype` are optional, defaults in brackets):
+  widths, depths         channels and residual blocks per backbone stage
+  decoder_width          widest level of the segmentation decoder
+  dtype                  compute dtype, 'float32' or 'bfloat16'; parameters stay float32
+  strides                per-stage stride of the first block [(2, 2, 2, 2)]: with the stride-2
+                         stem, stages run at strides 4, 8, 16, 32 and the segmentation at 2
+  norm_group_size        GroupNorm channels per group (about; >= 1 group) [16]
+  head_hidden            slice-classifier hidden width [widths[-1]]
+  presence_window        side of the mean filter before the max giving presence [3]
+  pool_temperature       initial log-mean-exp temperature of the study pool [1.0]
+  detach_presence        no gradient from the fracture losses into presence [True]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from cspine_jax.data.rsna import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS
+from cspine_jax.models.backbone import Backbone
+from cspine_jax.models.heads import (
+    NUM_CLASSES,
+    SegDecoder,
+    SliceClassifier,
+    StudyPool,
+    noisy_or_logit,
+    vertebra_presence,
+)
+
+
+def input_channels(config: ml_collections.ConfigDict) -> int:
+    """C of the image: K adjacent slices times the number of HU windows."""
+    return config.data.context * len(config.data.windows)
+
+
+class SpineNet(nnx.Module):
+    """Study batch (B, S, H, W, C) -> segmentation, slice, presence and study logits."""
+
+    def __init__(self, model_config: ml_collections.ConfigDict, in_features: int, *,
+                 rngs: nnx.Rngs):
+        cfg = model_config
+        widths, depths = tuple(cfg.widths), tuple(cfg.depths)
+        strides = tuple(cfg.get("strides", (2,) * len(widths)))
+        group_size = cfg.get("norm_group_size", 16)
+        dtype = jnp.dtype(cfg.dtype)
+        self.presence_window = cfg.get("presence_window", 3)
+        self.detach_presence = cfg.get("detach_presence", True)
+        self.backbone = Backbone(in_features, widths, depths, strides, group_size, dtype, rngs)
+        feature_strides = [2]
+        for stride in strides:
+            feature_strides.append(feature_strides[-1] * stride)
+        self.decoder = SegDecoder((widths[0], *widths), feature_strides, cfg.decoder_width,
+                                  group_size, dtype, rngs)
+        self.classifier = SliceClassifier(widths[-1], cfg.get("head_hidden", widths[-1]),
+                                          group_size, dtype, rngs)
+        self.study_pool = StudyPool(cfg.get("pool_temperature", 1.0))
+
+    def encode_slices(self, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Per-slice work, independent across slices (so chunkable).
+
+        images (N, H, W, C) -> seg_logits (N, H/2, W/2, 8), slice_logits (N, 7),
+        presence (N, 7); all float32.
+        """
+        features = self.backbone(images)
+        seg_logits = self.decoder(features).astype(jnp.float32)
+        presence = vertebra_presence(seg_logits, self.presence_window)
+        if self.detach_presence:
+            # The segmentation is trained by masks only: letting the fracture losses move it
+            # would turn presence into free attention that no longer says where C_v is.
+            presence = jax.lax.stop_gradient(presence)
+        slice_logits = self.classifier(features[-1], presence).astype(jnp.float32)
+        return seg_logits, slice_logits, presence
+
+    def pool(self, slice_logits: jax.Array, presence: jax.Array, valid: jax.Array) -> jax.Array:
+        """(B, S, 7), (B, S, 7), (B, S) -> study logits (B, 8): [patient_overall, C1..C7]."""
+        return self.study_pool(slice_logits, presence, valid)
+
+    def __call__(self, image: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+        """image (B, S, H, W, C), valid (B, S) -> dict of seg_logits (B, S, h, w, 8),
+        slice_logits (B, S, 7), presence (B, S, 7), study_logits (B, 8)."""
+        b, s = image.shape[:2]
+        seg, slices, presence = self.encode_slices(image.reshape(b * s, *image.shape[2:]))
+        seg = seg.reshape(b, s, *seg.shape[1:])
+        slices = slices.reshape(b, s, -1)
+        presence = presence.reshape(b, s, -1)
+        return dict(seg_logits=seg, slice_logits=slices, presence=presence,
+                    study_logits=self.pool(slices, presence, valid))
+
+
+def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> SpineNet:
+    """The model of a full config (reads config.model and config.data)."""
+    model = SpineNet(config.model, input_channels(config), rngs=nnx.Rngs(seed))
+    logging.info("SpineNet: %s parameters", f"{param_count(model):,}")
+    return model
+
+
+def param_count(model: nnx.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _masked_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum(w * x) / sum(w), 0 when sum(w) == 0."""
+    return (weights * x).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def study_loss(study_logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The competition's weighted log loss: (B, 8), (B, 8) -> scalar.
+
+    Per study sum_j w_j * bce_j / sum_j w_j with w = where(y, POSITIVE, NEGATIVE), then the
+    mean over studies.
+    """
+    labels = labels.astype(jnp.float32)
+    weights = jnp.where(labels > 0.5, jnp.asarray(POSITIVE_WEIGHTS), jnp.asarray(NEGATIVE_WEIGHTS))
+    bce = optax.sigmoid_binary_cross_entropy(study_logits.astype(jnp.float32), labels)
+    return ((weights * bce).sum(-1) / weights.sum(-1)).mean()
+
+
+def segmentation_losses(seg_logits: jax.Array, mask: jax.Array, valid: jax.Array,
+                        has_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Pixel cross-entropy and soft Dice over the C1..C7 present, on masked studies only.
+
+    seg_logits (B, S, h, w, 8), mask (B, S, H, W) int, valid (B, S), has_mask (B,) ->
+    (ce, dice): each a per-study value averaged over the studies with a mask (0 if none).
+    """
+    factor = mask.shape[2] // seg_logits.shape[2]
+    # Each output pixel summarises a factor x factor cell: take the label nearest its centre.
+    mask = mask[:, :, factor // 2::factor, factor // 2::factor]
+    logits = seg_logits.astype(jnp.float32)
+    pixels = valid.astype(jnp.float32)[:, :, None, None]  # (B, S, 1, 1)
+    num_pixels = pixels.sum(axis=(1, 2, 3)) * mask.shape[2] * mask.shape[3]
+
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, mask)  # (B, S, h, w)
+    ce = (pixels * ce).sum(axis=(1, 2, 3)) / jnp.maximum(num_pixels, 1.0)
+
+    probs = jax.nn.softmax(logits, axis=-1)[..., 1:]
+    target = jax.nn.one_hot(mask, NUM_CLASSES, dtype=jnp.float32)[..., 1:]
+    pixels = pixels[..., None]
+    axes = (1, 2, 3)
+    overlap = (pixels * probs * target).sum(axes)  # (B, 7)
+    total = (pixels * (probs + target)).sum(axes)
+    present = ((pixels * target).sum(axes) > 0).astype(jnp.float32)
+    dice = 2.0 * overlap / jnp.maximum(total, 1e-6)
+    dice_loss = (present * (1.0 - dice)).sum(-1) / jnp.maximum(present.sum(-1), 1.0)
+
+    has_mask = has_mask.astype(jnp.float32)
+    return _masked_mean(ce, has_mask), _masked_mean(dice_loss, has_mask)
+
+
+def slice_loss(slice_logits: jax.Array, slice_fracture: jax.Array, valid: jax.Array,
+               has_boxes: jax.Array) -> jax.Array:
+    """BCE of "any fracture on this slice" (noisy-OR of the 7 slice logits), averaged over
+    the valid slices of studies with boxes. (B, S, 7), (B, S), (B, S), (B,) -> scalar."""
+    any_logit = noisy_or_logit(slice_logits.astype(jnp.float32), axis=-1)
+    bce = optax.sigmoid_binary_cross_entropy(any_logit, slice_fracture.astype(jnp.float32))
+    weights = valid.astype(jnp.float32) * has_boxes.astype(jnp.float32)[:, None]
+    return _masked_mean(bce, weights)
+
+
+def compute_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
+                 loss_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted sum of the study, segmentation and slice losses, in float32.
+
+    loss_cfg holds the weights `study`, `seg_ce`, `seg_dice`, `slice`. Returns the total and
+    the unweighted terms (for logging).
+    """
+    seg_ce, seg_dice = segmentation_losses(outputs["seg_logits"], batch["mask"], batch["valid"],
+                                           batch["has_mask"])
+    terms = dict(
+        study=study_loss(outputs["study_logits"], batch["labels"]),
+        seg_ce=seg_ce,
+        seg_dice=seg_dice,
+        slice=slice_loss(outputs["slice_logits"], batch["slice_fracture"], batch["valid"],
+                         batch["has_boxes"]),
+    )
+    total = sum(loss_cfg[name] * value for name, value in terms.items())
+    return total, terms
