@@ -30,7 +30,7 @@ def competition_loss(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     return float(np.mean((weights * bce).sum(axis=1) / weights.sum(axis=1)))
 
 
-def _auc(y: np.ndarray, p: np.ndarray) -> float:
+def auc(y: np.ndarray, p: np.ndarray) -> float:
     """ROC-AUC, NaN where only one class is present (undefined, not 0.5)."""
     return float(skm.roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
@@ -48,7 +48,7 @@ def study_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> d
     y_prob = np.asarray(y_prob, np.float64)
     out = {"competition_loss": competition_loss(y_true, y_prob)}
     for j, name in enumerate(LABEL_COLUMNS):
-        out[f"auc_{name}"] = _auc(y_true[:, j], y_prob[:, j])
+        out[f"auc_{name}"] = auc(y_true[:, j], y_prob[:, j])
     out["auc_mean_vertebra"] = float(np.nanmean([out[f"auc_{v}"] for v in VERTEBRAE]))
     patient_pred = y_prob[:, 0] >= threshold
     tp = np.sum(patient_pred & y_true[:, 0])

@@ -100,8 +100,8 @@ def prepare_dataset(data_dir: str, cache_dir: str, params: Mapping[str, Any], *,
     skipped = [s.uid for s in studies if cache.has_entry(cache_dir, s.uid)]
     workers = (os.cpu_count() or 1) if workers is None else workers
     jobs = [(s, cache_dir, params) for s in todo]
-    bar = tqdm.tqdm(total=len(jobs), unit="study", desc="prepare", disable=not progress,
-                    file=sys.stderr)
+    bar = tqdm.tqdm(total=len(jobs), unit="study", desc="prepare",
+                    disable=not (progress and jobs), file=sys.stderr)
     summary = Summary([], skipped, {}, 0, 0.0)
     if workers <= 1 or len(jobs) <= 1:
         results = map(_prepare_one, jobs)

@@ -106,9 +106,10 @@ def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> SpineNet:
     return model
 
 
-def param_count(model: nnx.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+def param_count(model: nnx.Module | nnx.State) -> int:
+    """Number of trainable parameters of a model or of its (parameter) state."""
+    state = model if isinstance(model, nnx.State) else nnx.state(model, nnx.Param)
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
 
 
 def _masked_mean(x: jax.Array, weights: jax.Array) -> jax.Array:

@@ -1,0 +1,62 @@
+"""Where training data comes from: a dataset folder or generated phantoms, and its cache.
+
+With `config.data.dir` empty, the phantom set described by `config.data.phantom` is written
+once under the cache root and reused by every later run with the same description. Either
+way the folder is prepared once into a cache keyed by the folder and the grid parameters.
+The cache root is `$CSPINE_CACHE` or `~/.cache/cspine_jax`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from cspine_jax.data import cache, prepare
+
+
+def cache_root() -> str:
+    return os.environ.get("CSPINE_CACHE", os.path.expanduser("~/.cache/cspine_jax"))
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def phantom_dir(phantom_config: Mapping[str, Any]) -> str:
+    """Writes the described phantom set once (atomically); returns its folder."""
+    from cspine_jax.data import phantom  # the generator is only needed without a dataset
+
+    spec = {k: phantom_config[k] for k in sorted(phantom_config)}
+    out = os.path.join(cache_root(), f"phantoms-{spec['size']}-{_digest(spec)}")
+    if not os.path.exists(os.path.join(out, "train.csv")):
+        os.makedirs(cache_root(), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache_root(), prefix=".tmp-phantoms-")
+        try:
+            phantom.write_dataset(tmp, **spec)
+            if os.path.exists(out):  # a concurrent run finished first
+                shutil.rmtree(tmp)
+            else:
+                os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def prepared_cache(data_config: Mapping[str, Any], *, progress: bool = True) -> str:
+    """The dataset folder (or phantoms) prepared on the config's grid; returns the cache."""
+    data_dir = data_config["dir"] or phantom_dir(data_config["phantom"])
+    params = prepare.preprocessing_params(data_config)
+    cache_dir = data_config["cache_dir"] or os.path.join(
+        cache_root(), f"prepared-{_digest([os.path.abspath(data_dir), params])}")
+    summary = prepare.prepare_dataset(data_dir, cache_dir, params, progress=progress)
+    if summary.prepared or summary.failed:
+        print("\n".join(summary.lines()))
+    if not cache.read_entries(cache_dir):
+        raise cache.CacheError(f"{cache_dir}: no study of {data_dir} could be prepared")
+    return cache_dir

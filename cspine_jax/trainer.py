@@ -1,0 +1,284 @@
+"""Training: one readable function, top to bottom.
+
+Sections: distributed set-up, mesh, input, model, sharding, step, checkpoint, evals, loop,
+final held-out evaluation. The step is a plain `jax.jit` over the `nnx.split` state with
+donated buffers: parameters and optimizer state replicated over the `data` mesh axis, the
+batch sharded along it, so one program serves 1 device, 8 devices or several hosts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cspine_jax import checkpoints, evaluation, metrics, optim, visualize
+from cspine_jax.data import cache, pipeline, rsna, sources
+from cspine_jax.models import spine_net
+
+Batch = dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------- step
+def make_grad_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> Callable:
+    """(params, batch) -> ((loss, loss terms), gradients) of the model's own loss."""
+
+    def loss_fn(params, batch):
+        outputs = nnx.merge(graphdef, params)(batch["image"], batch["valid"])
+        return spine_net.compute_loss(outputs, batch, config.loss)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    config: ml_collections.ConfigDict) -> Callable:
+    """(params, opt_state, batch) -> (params, opt_state, metrics), pure.
+
+    With `optim.grad_accum` = k the global batch is split into k micro-batches whose
+    gradients are averaged. A step whose loss or gradients are not finite leaves
+    parameters and optimizer state untouched and reports `skipped` = 1.
+    """
+    accum = int(config.optim.grad_accum)
+    grad_fn = make_grad_fn(graphdef, config)
+
+    def step(params, opt_state, batch):
+        if accum == 1:
+            (loss, terms), grads = grad_fn(params, batch)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+
+            def body(carry, micro_batch):
+                (loss, terms), grads = grad_fn(params, micro_batch)
+                return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                grad_fn, params, jax.tree.map(lambda x: x[0], micro)))
+            zeros = (zeros[0][0], zeros[0][1], zeros[1])
+            (loss, terms, grads), _ = jax.lax.scan(body, zeros, micro)
+            loss, terms, grads = jax.tree.map(lambda x: x / accum, (loss, terms, grads))
+        finite = jnp.isfinite(loss) & jnp.all(jnp.array(
+            [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        params = jax.tree.map(keep, new_params, params)
+        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        out = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads),
+               "skipped": 1.0 - finite.astype(jnp.float32)}
+        return params, opt_state, out
+
+    return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+    """(params, batch) -> study probabilities (B, 8) and predicted labels (B, S, h, w)."""
+
+    def step(params, batch):
+        outputs = nnx.merge(graphdef, params)(batch["image"], batch["valid"])
+        seg = jnp.argmax(outputs["seg_logits"], -1).astype(jnp.uint8)
+        return jax.nn.sigmoid(outputs["study_logits"]), seg
+
+    return step
+
+
+# ---------------------------------------------------------------------------- sharding
+def to_global(batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded along the batch axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _pad_rows(batch: Batch, rows: int) -> Batch:
+    """Pads a short last evaluation batch with copies marked study_index = -1."""
+    missing = rows - len(batch["study_index"])
+    if missing <= 0:
+        return batch
+    padded = {k: np.concatenate([v, np.repeat(v[:1], missing, axis=0)]) for k, v in batch.items()}
+    padded["study_index"][-missing:] = -1
+    return padded
+
+
+# ---------------------------------------------------------------------------- data split
+def split_entries(entries: list[cache.Entry],
+                  data: Mapping[str, Any], seed: int) -> tuple[list, list]:
+    """(train, held-out) entries of the config's fold."""
+    labels = np.stack([e.labels for e in entries])
+    has_mask = np.array([e.has_mask for e in entries])
+    folds = rsna.kfold_assignments(labels, has_mask, data["num_folds"], seed)
+    train = [e for e, f in zip(entries, folds, strict=True) if f != data["fold"]]
+    held_out = [e for e, f in zip(entries, folds, strict=True) if f == data["fold"]]
+    return train, held_out
+
+
+# ---------------------------------------------------------------------------- the run
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       progress: bool = True) -> dict[str, float]:
+    """Trains (or resumes) in `workdir`, then evaluates the best checkpoint on every slice of
+    every held-out study. Returns the held-out metrics (also in `workdir/metrics.json`)."""
+    # Distributed set-up: before anything touches the JAX backend.
+    dist = config.distributed
+    if dist.num_processes > 1 and not jax.distributed.is_initialized():
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id)
+    chief, num_processes = jax.process_index() == 0, jax.process_count()
+    os.makedirs(workdir, exist_ok=True)
+
+    # Mesh: one data-parallel axis over every device of every process.
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    global_batch = config.optim.batch_size
+    if global_batch % jax.device_count():
+        raise ValueError(f"batch_size {global_batch} not divisible by {jax.device_count()} devices")
+
+    # Input: the chief prepares the cache once; every process then reads it.
+    if chief:
+        cache_dir = sources.prepared_cache(config.data, progress=progress)
+    multihost_utils.sync_global_devices("cache prepared")
+    if not chief:
+        cache_dir = sources.prepared_cache(config.data, progress=False)
+    train_entries, held_out = split_entries(cache.read_entries(cache_dir), config.data,
+                                            config.seed)
+    train_iter = pipeline.iterate(pipeline.train_dataset(
+        train_entries, config.data, seed=config.seed, global_batch=global_batch,
+        process_index=jax.process_index(), process_count=num_processes), config.data.workers)
+    eval_ds = pipeline.eval_dataset(held_out, config.data, global_batch)
+    held_out_labels = np.stack([e.labels for e in held_out])
+
+    # Model and optimizer, split once into a static graph and replicated state.
+    # Initialised inside one jit: eagerly, every parameter's initialiser is its own program.
+    tx = optim.make_optimizer(config.optim)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: spine_net.create_model(config, config.seed)))
+
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def init_state():
+        params = nnx.split(spine_net.create_model(config, config.seed))[1]
+        return {"params": params, "opt_state": tx.init(params)}
+
+    state = init_state()
+    if chief:
+        print(f"model: {spine_net.param_count(state['params']):,} parameters; {jax.device_count()} "
+              f"devices in {num_processes} process(es); {len(train_entries)} train / "
+              f"{len(held_out)} held-out studies; cache {cache_dir}")
+
+    # Steps: plain jit over the split state, donating the old state's buffers.
+    train_step = jax.jit(make_train_step(graphdef, tx, config), donate_argnums=(0, 1),
+                         out_shardings=(replicated, replicated, replicated))
+    eval_step = jax.jit(make_eval_step(graphdef), out_shardings=replicated)
+
+    # Checkpoint: resume from the latest step, the data iterator rewound with it.
+    mngr = checkpoints.manager(workdir, config.checkpoint.keep)
+    step = mngr.latest_step() or 0
+    if step:
+        state = checkpoints.restore(mngr, step, state, train_iter)
+        if chief:
+            print(f"resumed from step {step} of {workdir}")
+    writer = None
+    if chief:
+        from tensorboardX import SummaryWriter  # TensorFlow-free event files
+
+        writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    # Evals: held-out competition loss and AUC on evenly spaced slices, one picture.
+    # Global row g of a batch holds local row g % L of process g // L (L rows each), i.e.
+    # row (g % L) * P + g // L of the batch every process built.
+    rows_per_process = global_batch // num_processes
+    global_rows = np.array([(g % rows_per_process) * num_processes + g // rows_per_process
+                            for g in range(global_batch)])
+
+    def run_eval(params) -> tuple[dict[str, float], np.ndarray | None]:
+        probs = np.zeros((len(held_out), 8), np.float32)
+        picture = None
+        for batch in pipeline.iterate(eval_ds):
+            batch = _pad_rows(batch, global_batch)
+            local = {k: v[jax.process_index()::num_processes] for k, v in batch.items()}
+            out, seg = jax.device_get(eval_step(params, to_global(local, data_sharding)))
+            index = batch["study_index"][global_rows]
+            probs[index[index >= 0]] = out[index >= 0]
+            masked = np.flatnonzero(batch["has_mask"][global_rows] * (index >= 0))
+            if picture is None and len(masked):
+                row = global_rows[masked[0]]
+                s = int(np.argmax((batch["mask"][row] > 0).sum(axis=(1, 2))))
+                centre = (config.data.context // 2) * len(config.data.windows)
+                picture = visualize.truth_vs_prediction(
+                    batch["image"][row, s, ..., centre], batch["mask"][row, s],
+                    seg[masked[0], s])
+        result = {"val_loss": metrics.competition_loss(held_out_labels, probs),
+                  "val_auc_patient_overall": metrics.auc(held_out_labels[:, 0], probs[:, 0])}
+        return result, picture
+
+    # Loop.
+    total = config.optim.steps
+    schedule = jax.jit(optim.lr_schedule(config.optim))  # one program, not one per op
+    bar = tqdm.tqdm(total=total, initial=step, unit="step", desc="train",
+                    disable=not (chief and progress), dynamic_ncols=True)
+    pending, tick = [], time.perf_counter()
+    while step < total:
+        state["params"], state["opt_state"], step_metrics = train_step(
+            state["params"], state["opt_state"], to_global(next(train_iter), data_sharding))
+        step += 1
+        pending.append(step_metrics)
+        bar.update()
+        if step % config.log.every == 0 or step == total:
+            fetched = jax.device_get(pending)
+            if all(m["skipped"] for m in fetched):
+                raise FloatingPointError(
+                    f"loss or gradients not finite in steps {step - len(fetched) + 1}-{step}; "
+                    f"stopping with the last good parameters in {workdir}/checkpoints. "
+                    "Lower optim.lr or check the data.")
+            mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+            mean["examples_per_s"] = len(fetched) * global_batch / (time.perf_counter() - tick)
+            mean["lr"] = float(schedule(step))
+            pending, tick = [], time.perf_counter()
+            if writer is not None:
+                for k, v in mean.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+            bar.set_postfix(loss=f"{mean['loss']:.4f}", ex_s=f"{mean['examples_per_s']:.1f}")
+        if step % config.checkpoint.every == 0 or step == total:
+            result, picture = run_eval(state["params"])
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+            if writer is not None:
+                for k, v in result.items():
+                    if np.isfinite(v):  # AUC is undefined on a one-class fold
+                        writer.add_scalar(k.replace("_", "/", 1), v, step)
+                if picture is not None and config.log.images:
+                    writer.add_image("val/vertebrae_true_vs_pred", picture, step,
+                                     dataformats="HWC")
+            checkpoints.save(mngr, step, state, train_iter, config, result)
+            tick = time.perf_counter()  # evaluation time is not training throughput
+    bar.close()
+    mngr.wait_until_finished()
+
+    # Final: the best checkpoint on every slice of every held-out study.
+    best = checkpoints.best_step(mngr)
+    best_params = checkpoints.restore(mngr, best, state)["params"]
+    mngr.close()
+    results = {}
+    if chief:
+        predictor = evaluation.StudyPredictor(nnx.merge(graphdef, best_params),
+                                              config.data.context)
+        results, _ = evaluation.evaluate_entries(predictor, held_out, progress=progress)
+        results = {"step": float(best), **results}
+        with open(os.path.join(workdir, "metrics.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        for k, v in results.items():
+            if np.isfinite(v):
+                writer.add_scalar(f"final/{k}", v, best)
+        writer.close()
+        print(f"held-out results (best checkpoint, step {best}, {len(held_out)} studies):")
+        print(evaluation.format_table(results))
+    multihost_utils.sync_global_devices("evaluated")
+    return results

@@ -1,0 +1,185 @@
+"""Training: data-parallel equivalence, multi-process training, exact resume, fresh restore.
+
+The end-to-end runs use `python train.py --config=configs/tiny.py` in subprocesses, as a
+user would, over one phantom set and cache shared by the whole session.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import tiny
+from cspine_jax import checkpoints, optim, trainer
+from cspine_jax.data import cache, pipeline, sources
+from cspine_jax.models import spine_net
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_env(tmp_path_factory):
+    """A cache root holding the tiny phantoms, prepared; subprocesses inherit it."""
+    root = str(tmp_path_factory.mktemp("cspine_cache"))
+    os.environ["CSPINE_CACHE"] = root
+    cache_dir = sources.prepared_cache(tiny.get_config().data, progress=False)
+    env = {**os.environ, "CSPINE_CACHE": root, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    env.pop("XLA_FLAGS", None)
+    yield env, cache_dir
+    del os.environ["CSPINE_CACHE"]
+
+
+def _train_cmd(workdir, *overrides):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/tiny.py",
+            f"--workdir={workdir}", *overrides]
+
+
+def _train(env, workdir, *overrides, devices=1, timeout=600):
+    result = subprocess.run(_train_cmd(workdir, *overrides), cwd=ROOT, capture_output=True,
+                            text=True, timeout=timeout,
+                            env={**env, "JAX_NUM_CPU_DEVICES": str(devices)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _latest_params(workdir):
+    """The latest checkpoint's step and parameters as a flat {path: array} dict."""
+    mngr = checkpoints.manager(str(workdir), read_only=True)
+    step = mngr.latest_step()
+    mngr.close()
+    model, _, _ = checkpoints.load_model(str(workdir), step)
+    flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+    return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+def test_sharded_step_equals_single_device_step(data_env):
+    _, cache_dir = data_env
+    assert jax.device_count() == 8
+    config = tiny.get_config()
+    config.optim.batch_size = 8
+    train, _ = trainer.split_entries(cache.read_entries(cache_dir), config.data, config.seed)
+    batch = next(pipeline.iterate(pipeline.train_dataset(train, config.data, seed=0,
+                                                         global_batch=8)))
+    model = spine_net.create_model(config, 0)
+    graphdef, params = nnx.split(model)
+    tx = optim.make_optimizer(config.optim)
+    step_fn = trainer.make_train_step(graphdef, tx, config)
+
+    grad_fn = trainer.make_grad_fn(graphdef, config)
+
+    def on_mesh(devices):
+        """(train step, gradient) functions over a data mesh of `devices`."""
+        mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+        replicated = NamedSharding(mesh, P())
+        step = jax.jit(step_fn, out_shardings=(replicated, replicated, replicated))
+        grads = jax.jit(grad_fn, out_shardings=replicated)
+        global_batch = trainer.to_global(batch, NamedSharding(mesh, P("data")))
+        assert len(global_batch["image"].sharding.device_set) == len(devices)
+        return (lambda state: step(*jax.device_put(state, replicated), global_batch),
+                lambda params: grads(jax.device_put(params, replicated), global_batch))
+
+    (step_1, grads_1), (step_8, grads_8) = on_mesh(jax.devices()[:1]), on_mesh(jax.devices())
+    state = (params, tx.init(params))
+    for _ in range(3):  # leave the degenerate initial point (zero-initialised heads)
+        *state, _ = step_1(state)
+    before = jax.device_get(state[0])
+    p1, _, m1 = jax.device_get(step_1(state))
+    p8, _, m8 = jax.device_get(step_8(state))
+    (_, _), g1 = jax.device_get(grads_1(state[0]))
+    (_, _), g8 = jax.device_get(grads_8(state[0]))
+
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    assert m1["skipped"] == 0 and m8["skipped"] == 0
+    norm = float(m1["grad_norm"])
+    names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(g1)[0]]
+    rounding_level = []
+    for name, a, b in zip(names, jax.tree.leaves(g1), jax.tree.leaves(g8), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * norm, err_msg=name)
+        if np.abs(a).max() < 1e-6 * norm:
+            rounding_level.append(name)
+    # Adam divides by the gradient's own scale, so a coordinate whose gradient is pure
+    # rounding noise moves by a noise-driven step on either mesh; every other parameter
+    # must agree to 1e-5.
+    assert len(rounding_level) <= 2, rounding_level
+    changed = 0
+    for name, a, b, old in zip(names, jax.tree.leaves(p1), jax.tree.leaves(p8),
+                               jax.tree.leaves(before), strict=True):
+        if name not in rounding_level:
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=name)
+        changed += not np.array_equal(a, old)
+    assert changed > 0.9 * len(names)  # the step really updated the model
+
+
+def test_kill_resume_is_bitwise_identical(data_env, tmp_path):
+    env, _ = data_env
+    overrides = ("--config.optim.steps=12", "--config.checkpoint.every=2")
+    _train(env, tmp_path / "straight", *overrides)
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen(_train_cmd(resumed, *overrides), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (resumed / "checkpoints" / "4").exists() and time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    result = _train(env, resumed, *overrides)
+    assert "resumed from step" in result.stdout
+    step_a, straight = _latest_params(tmp_path / "straight")
+    step_b, again = _latest_params(resumed)
+    assert step_a == step_b == 12
+    for name in straight:
+        np.testing.assert_array_equal(again[name], straight[name], err_msg=name)
+
+
+def test_two_processes_train_like_one(data_env, tmp_path):
+    env, _ = data_env
+    overrides = ("--config.optim.steps=4", "--config.checkpoint.every=4")
+    _train(env, tmp_path / "one", *overrides, devices=4)
+    port = portpicker.pick_unused_port()
+    procs = [subprocess.Popen(
+        _train_cmd(tmp_path / "two", *overrides, "--config.distributed.num_processes=2",
+                   f"--config.distributed.process_id={i}",
+                   f"--config.distributed.coordinator=127.0.0.1:{port}"),
+        cwd=ROOT, env={**env, "JAX_NUM_CPU_DEVICES": "2"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "4 devices in 2 process(es)" in outputs[0]
+    _, one = _latest_params(tmp_path / "one")
+    _, two = _latest_params(tmp_path / "two")
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_checkpoint_restores_in_a_fresh_process(data_env, tmp_path):
+    env, _ = data_env
+    result = _train(env, tmp_path / "run", "--config.optim.steps=4",
+                    "--config.checkpoint.every=2")
+    assert "held-out results" in result.stdout
+    probe = (
+        "import json, sys; from cspine_jax import checkpoints;"
+        "model, config, step = checkpoints.load_model(sys.argv[1]);"
+        "k = model.backbone.stem.kernel[...];"
+        "print(json.dumps({'step': step, 'sum': float(k.sum()), 'grid': config.data.grid}))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "run")], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    restored = json.loads(out.stdout.strip().splitlines()[-1])
+    model, config, step = checkpoints.load_model(str(tmp_path / "run"))
+    assert restored == {"step": step, "sum": float(model.backbone.stem.kernel[...].sum()),
+                        "grid": tiny.get_config().data.grid}
+    fresh = spine_net.create_model(config, 123)
+    assert float(fresh.backbone.stem.kernel[...].sum()) != restored["sum"]
