@@ -91,35 +91,49 @@ def _mask_at(mask: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return np.where(sub <= pipeline.NUM_VERTEBRAE, sub, 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """Outputs over a list of entries.
+
+    Attributes:
+      probs: (n, 8) probabilities `[patient_overall, C1..C7]` in entry order.
+      confusion: (8, 8) voxel counts of true (rows) vs predicted (columns) vertebra labels
+        over the entries with masks (all zero when none has one).
+    """
+
+    probs: np.ndarray
+    confusion: np.ndarray
+
+
 def predict_entries(predictor: StudyPredictor, entries: Sequence[cache.Entry],
-                    progress: bool = True) -> tuple[np.ndarray, dict[str, float]]:
-    """Probabilities (n, 8) of each entry, and Dice/IoU over the entries with masks."""
-    probs, seg_pred, seg_true = [], [], []
+                    progress: bool = True) -> Predictions:
+    """Whole-study predictions of every entry."""
+    probs, confusion = [], np.zeros((8, 8), np.int64)
     for entry in tqdm.tqdm(entries, desc="evaluate", unit="study", disable=not progress):
         prediction = predictor(entry.image())
         probs.append(prediction.probs)
         if entry.has_mask:
-            seg_pred.append(prediction.segmentation.ravel())
-            seg_true.append(_mask_at(entry.mask(), prediction.segmentation.shape).ravel())
-    seg = {}
-    if seg_pred:
-        seg = metrics.dice_iou(np.concatenate(seg_pred), np.concatenate(seg_true))
-    return np.stack(probs), seg
+            true = _mask_at(entry.mask(), prediction.segmentation.shape)
+            confusion += metrics.label_confusion(true, prediction.segmentation)
+    return Predictions(np.stack(probs), confusion)
 
 
 def evaluate_entries(predictor: StudyPredictor, entries: Sequence[cache.Entry],
                      threshold: float | None = None,
-                     progress: bool = True) -> tuple[dict[str, float], np.ndarray]:
-    """Every held-out metric of `entries` (all labelled) and their probabilities (n, 8).
+                     progress: bool = True) -> tuple[dict[str, float], Predictions]:
+    """Every held-out metric of `entries` (all labelled) and the predictions behind them.
 
     `threshold` (patient_overall decision threshold) defaults to Youden's J on these
     studies themselves; pass the validation fold's to evaluate another set fairly.
     """
-    probs, seg = predict_entries(predictor, entries, progress)
+    predictions = predict_entries(predictor, entries, progress)
     y_true = np.stack([e.labels for e in entries])
     if threshold is None:
-        threshold = metrics.youden_threshold(y_true, probs)
-    return {**metrics.study_metrics(y_true, probs, threshold), **seg}, probs
+        threshold = metrics.youden_threshold(y_true, predictions.probs)
+    values = metrics.study_metrics(y_true, predictions.probs, threshold)
+    if predictions.confusion.any():
+        values.update(metrics.dice_iou(predictions.confusion))
+    return values, predictions
 
 
 def format_table(values: dict[str, float]) -> str:

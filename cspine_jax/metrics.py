@@ -73,15 +73,21 @@ def youden_threshold(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     return float(np.clip(thresholds[np.argmax(tpr - fpr)], 0.0, 1.0))
 
 
-def dice_iou(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """Per-vertebra Dice and IoU over integer label volumes (classes 1..7 = C1..C7).
+def label_confusion(true: np.ndarray, pred: np.ndarray, num_classes: int = 8) -> np.ndarray:
+    """(num_classes, num_classes) int64 voxel counts, rows = true label, columns = predicted."""
+    index = np.asarray(true, np.int64).ravel() * num_classes + np.asarray(pred, np.int64).ravel()
+    return np.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def dice_iou(confusion: np.ndarray) -> dict[str, float]:
+    """Per-vertebra Dice and IoU from a label confusion matrix (classes 1..7 = C1..C7).
 
     NaN for a vertebra absent from both prediction and truth.
     """
     out = {}
     for c, name in enumerate(VERTEBRAE, start=1):
-        p, t = pred == c, true == c
-        inter, total, union = np.sum(p & t), p.sum() + t.sum(), np.sum(p | t)
+        inter = confusion[c, c]
+        total = confusion[c, :].sum() + confusion[:, c].sum()
         out[f"dice_{name}"] = float(2 * inter / total) if total else float("nan")
-        out[f"iou_{name}"] = float(inter / union) if union else float("nan")
+        out[f"iou_{name}"] = float(inter / (total - inter)) if total else float("nan")
     return out

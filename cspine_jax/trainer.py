@@ -12,8 +12,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cspine_jax import checkpoints, evaluation, metrics, optim, visualize
-from cspine_jax.data import cache, pipeline, rsna, sources
+from cspine_jax.data import cache, pipeline, sources
 from cspine_jax.models import spine_net
 
 Batch = dict[str, np.ndarray]
@@ -111,18 +110,6 @@ def _pad_rows(batch: Batch, rows: int) -> Batch:
     return padded
 
 
-# ---------------------------------------------------------------------------- data split
-def split_entries(entries: list[cache.Entry],
-                  data: Mapping[str, Any], seed: int) -> tuple[list, list]:
-    """(train, held-out) entries of the config's fold."""
-    labels = np.stack([e.labels for e in entries])
-    has_mask = np.array([e.has_mask for e in entries])
-    folds = rsna.kfold_assignments(labels, has_mask, data["num_folds"], seed)
-    train = [e for e, f in zip(entries, folds, strict=True) if f != data["fold"]]
-    held_out = [e for e, f in zip(entries, folds, strict=True) if f == data["fold"]]
-    return train, held_out
-
-
 # ---------------------------------------------------------------------------- the run
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        progress: bool = True) -> dict[str, float]:
@@ -150,8 +137,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     multihost_utils.sync_global_devices("cache prepared")
     if not chief:
         cache_dir = sources.prepared_cache(config.data, progress=False)
-    train_entries, held_out = split_entries(cache.read_entries(cache_dir), config.data,
-                                            config.seed)
+    train_entries, held_out = sources.split_entries(cache.read_entries(cache_dir),
+                                                    config.data, config.seed)
     train_iter = pipeline.iterate(pipeline.train_dataset(
         train_entries, config.data, seed=config.seed, global_batch=global_batch,
         process_index=jax.process_index(), process_count=num_processes), config.data.workers)

@@ -67,7 +67,7 @@ def test_sharded_step_equals_single_device_step(data_env):
     assert jax.device_count() == 8
     config = tiny.get_config()
     config.optim.batch_size = 8
-    train, _ = trainer.split_entries(cache.read_entries(cache_dir), config.data, config.seed)
+    train, _ = sources.split_entries(cache.read_entries(cache_dir), config.data, config.seed)
     batch = next(pipeline.iterate(pipeline.train_dataset(train, config.data, seed=0,
                                                          global_batch=8)))
     model = spine_net.create_model(config, 0)

@@ -16,7 +16,9 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from cspine_jax.data import cache, prepare
+import numpy as np
+
+from cspine_jax.data import cache, prepare, rsna
 
 
 def cache_root() -> str:
@@ -60,3 +62,14 @@ def prepared_cache(data_config: Mapping[str, Any], *, progress: bool = True) -> 
     if not cache.read_entries(cache_dir):
         raise cache.CacheError(f"{cache_dir}: no study of {data_dir} could be prepared")
     return cache_dir
+
+
+def split_entries(entries: list[cache.Entry], data_config: Mapping[str, Any],
+                  seed: int) -> tuple[list[cache.Entry], list[cache.Entry]]:
+    """(train, held-out) entries: `data_config.fold` of a label-stratified K-fold split."""
+    labels = np.stack([e.labels for e in entries])
+    has_mask = np.array([e.has_mask for e in entries])
+    folds = rsna.kfold_assignments(labels, has_mask, data_config["num_folds"], seed)
+    train = [e for e, f in zip(entries, folds, strict=True) if f != data_config["fold"]]
+    held_out = [e for e, f in zip(entries, folds, strict=True) if f == data_config["fold"]]
+    return train, held_out

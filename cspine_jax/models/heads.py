@@ -150,7 +150,8 @@ class StudyPool(nnx.Module):
     """
 
     def __init__(self, temperature: float):
-        self.log_temperature = nnx.Param(jnp.full((NUM_VERTEBRAE,), math.log(temperature), jnp.float32))
+        log_t = math.log(temperature)
+        self.log_temperature = nnx.Param(jnp.full((NUM_VERTEBRAE,), log_t, jnp.float32))
         self.bias = nnx.Param(jnp.zeros((NUM_VERTEBRAE,)))
         self.overall_scale = nnx.Param(jnp.ones(()))
         self.overall_bias = nnx.Param(jnp.zeros(()))
