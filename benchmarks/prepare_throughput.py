@@ -21,8 +21,8 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from cspine_jax.data import phantom, prepare, rsna  # noqa: E402
 from configs import default  # noqa: E402
+from cspine_jax.data import phantom, prepare, rsna  # noqa: E402
 
 flags.DEFINE_string("data", "", "RSNA-layout folder; empty: generate full-size phantoms.")
 flags.DEFINE_integer("num_studies", 4, "Phantom studies to generate without --data.")

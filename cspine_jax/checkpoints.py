@@ -31,9 +31,10 @@ def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.Checkpo
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1),
     ])
+    # best_fn also makes Orbax write each step's metrics to disk, where best_step finds them.
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only)
+        preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC], best_mode="min",
+        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  options=options)
 

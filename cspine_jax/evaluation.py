@@ -7,7 +7,10 @@ rounded up to a bucket (a handful of compiled programs for all study lengths).
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
+import os
 from collections.abc import Sequence
 
 import jax
@@ -16,8 +19,8 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from cspine_jax import metrics
-from cspine_jax.data import cache, pipeline
+from cspine_jax import checkpoints, metrics, report
+from cspine_jax.data import cache, pipeline, rsna, sources
 from cspine_jax.models.spine_net import SpineNet
 
 _Z_BUCKET = 64
@@ -62,10 +65,7 @@ class StudyPredictor:
         z = image.shape[0]
         segs, logits, presences = [], [], []
         for start in range(0, z, self.chunk):
-            centres = np.arange(start, min(start + self.chunk, z))
-            stacks = pipeline.stack_context(image, centres, self.context)
-            padded = np.zeros((self.chunk, *stacks.shape[1:]), np.float32)
-            padded[: len(centres)] = stacks / np.float32(255.0)
+            padded, centres = pipeline.chunk_inputs(image, start, self.chunk, self.context)
             seg, slice_logits, presence = jax.device_get(self._encode(self.state, padded))
             segs.append(seg[: len(centres)])
             logits.append(slice_logits[: len(centres)])
@@ -140,3 +140,72 @@ def format_table(values: dict[str, float]) -> str:
     """Metric name / value lines, for terminals and logs."""
     width = max(len(k) for k in values)
     return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in values.items())
+
+
+def write_submission(path: str, uids: Sequence[str], probs: np.ndarray,
+                     row_ids: Sequence[str] | None = None) -> None:
+    """Kaggle-format CSV `row_id,fractured` with row_id `<uid>_<label>`.
+
+    With `row_ids` (from a test.csv) exactly those rows, in that order; else 8 per study.
+    """
+    values = {f"{uid}_{name}": float(p)
+              for uid, row in zip(uids, probs, strict=True)
+              for name, p in zip(rsna.LABEL_COLUMNS, row, strict=True)}
+    rows = list(values) if row_ids is None else list(row_ids)
+    missing = [r for r in rows if r not in values]
+    if missing:
+        raise ValueError(f"no prediction for row_id(s) {missing[:3]}...")
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row_id", "fractured"])
+        writer.writerows((r, f"{values[r]:.6f}") for r in rows)
+
+
+def evaluate_run(workdir: str, data_dir: str | None = None, out_dir: str | None = None,
+                 step: int | None = None, progress: bool = True) -> dict[str, float]:
+    """Restores a run's best (or `step`) checkpoint and evaluates it.
+
+    Without `data_dir`: the run's own held-out fold, exactly as training reported it.
+    With `data_dir`: every study of that RSNA-layout folder, prepared on the run's grid;
+    labelled (train.csv) studies are scored with the decision threshold the run chose on its
+    held-out fold, unlabelled (test.csv) ones only get a submission.
+    Writes metrics.json, submission.csv and the report pictures into `out_dir`
+    (default `workdir/eval`, or `workdir/eval-<folder name>` with `data_dir`).
+    """
+    model, config, step = checkpoints.load_model(workdir, step)
+    predictor = StudyPredictor(model, config.data.context)
+    threshold = None
+    if data_dir is None:
+        _, entries = sources.split_entries(
+            cache.read_entries(sources.prepared_cache(config.data, progress=progress)),
+            config.data, config.seed)
+    else:
+        data_config = config.data.copy_and_resolve_references()
+        data_config.update(dir=os.path.abspath(data_dir), cache_dir="")
+        entries = cache.read_entries(sources.prepared_cache(data_config, progress=progress))
+        run_metrics = os.path.join(workdir, "metrics.json")
+        if os.path.exists(run_metrics):
+            with open(run_metrics) as f:
+                threshold = json.load(f)["threshold"]
+    name = "eval" if data_dir is None else f"eval-{os.path.basename(os.path.abspath(data_dir))}"
+    out_dir = out_dir or os.path.join(workdir, name)
+    os.makedirs(out_dir, exist_ok=True)
+
+    labelled = all(e.labels is not None for e in entries)
+    if labelled:
+        values, predictions = evaluate_entries(predictor, entries, threshold, progress)
+        values = {"step": float(step), **values}
+        y_true = np.stack([e.labels for e in entries])
+        report.write_report(out_dir, y_true, predictions.probs, predictions.confusion)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(values, f, indent=1)
+    else:
+        predictions, values = predict_entries(predictor, entries, progress), {}
+    row_ids = None
+    test_csv = os.path.join(data_dir or "", "test.csv")
+    if data_dir is not None and os.path.exists(test_csv):
+        with open(test_csv, newline="") as f:
+            row_ids = [row["row_id"] for row in csv.DictReader(f)]
+    write_submission(os.path.join(out_dir, "submission.csv"), [e.uid for e in entries],
+                     predictions.probs, row_ids)
+    return values

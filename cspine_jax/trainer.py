@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cspine_jax import checkpoints, evaluation, metrics, optim, visualize
+from cspine_jax import checkpoints, evaluation, metrics, optim, report, visualize
 from cspine_jax.data import cache, pipeline, sources
 from cspine_jax.models import spine_net
 
@@ -257,8 +257,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if chief:
         predictor = evaluation.StudyPredictor(nnx.merge(graphdef, best_params),
                                               config.data.context)
-        results, _ = evaluation.evaluate_entries(predictor, held_out, progress=progress)
+        results, predictions = evaluation.evaluate_entries(predictor, held_out,
+                                                           progress=progress)
         results = {"step": float(best), **results}
+        report.write_report(os.path.join(workdir, "eval"), held_out_labels, predictions.probs,
+                            predictions.confusion, writer=writer, step=best)
         with open(os.path.join(workdir, "metrics.json"), "w") as f:
             json.dump(results, f, indent=1)
         for k, v in results.items():

@@ -7,8 +7,9 @@ training), each with its K neighbours stacked as channels. Every transform is a
 restores it exactly.
 
 Example (leading batch dim B after batching):
-  image:          float32 (S, G, G, K * n_windows) windowed HU in ~[0, 1], channel order
-                  (slice offset -K//2..K//2, window)
+  image:          float32 (S, G, G, K * n_windows + 1) windowed HU in ~[0, 1], channel
+                  order (slice offset -K//2..K//2, window), then the slice's relative z
+                  position (0 superior .. 1 inferior; see `add_position`)
   mask:           int32   (S, G, G) centre-slice vertebra label, 0 bg / 1-7 C1-C7 (thoracic -> 0)
   has_mask:       float32 ()  1 where the study has a segmentation
   slice_fracture: float32 (S,) 1 where a fracture box touches the slice
@@ -50,6 +51,36 @@ def stack_context(image: np.ndarray, centres: np.ndarray, context: int) -> np.nd
     return stacks.transpose(0, 2, 3, 1, 4).reshape(s, h, w, k * c)
 
 
+def add_position(stacks: np.ndarray, centres: np.ndarray, num_slices: int) -> np.ndarray:
+    """(S, G, G, C) float32 -> (S, G, G, C + 1): a last channel holding each slice's relative
+    position along the study, 0 at the most superior slice and 1 at the most inferior.
+
+    Three adjacent axial slices rarely tell C4 from C5; where the slice sits in the scan
+    does, so the segmentation (hence the vertebra presence that pools the study) gets it.
+    """
+    position = centres.astype(np.float32) / np.float32(max(num_slices - 1, 1))
+    plane = np.broadcast_to(position[:, None, None, None], (*stacks.shape[:3], 1))
+    return np.concatenate([stacks, plane], axis=-1)
+
+
+def slice_inputs(image: np.ndarray, centres: np.ndarray, context: int) -> np.ndarray:
+    """The model's input for `centres` of a prepared (z', G, G, W) uint8 study:
+    (S, G, G, K * W + 1) float32 windowed stacks in [0, 1] plus the position channel."""
+    stacks = stack_context(image, centres, context).astype(np.float32) / np.float32(255.0)
+    return add_position(stacks, centres, image.shape[0])
+
+
+def chunk_inputs(image: np.ndarray, start: int, chunk: int,
+                 context: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slices start .. start + chunk of a prepared study as model input, zero-padded to
+    `chunk` rows so one compiled program serves every chunk: ((chunk, G, G, C), centres)."""
+    centres = np.arange(start, min(start + chunk, image.shape[0]))
+    inputs = slice_inputs(image, centres, context)
+    padded = np.zeros((chunk, *inputs.shape[1:]), np.float32)
+    padded[: len(centres)] = inputs
+    return padded, centres
+
+
 def _augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
              aug: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """One random in-plane flip/rotation/scale and intensity change for the whole study."""
@@ -71,8 +102,10 @@ def _augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
                          for m in mask])
     gain = 1.0 + rng.uniform(-aug["intensity"], aug["intensity"])
     bias = rng.uniform(-aug["intensity"], aug["intensity"])
-    image = image * gain + bias + rng.normal(0.0, aug["noise"], image.shape).astype(np.float32)
-    return image.astype(np.float32), np.ascontiguousarray(mask)
+    image = image * np.float32(gain) + np.float32(bias)
+    if aug["noise"]:
+        image += np.float32(aug["noise"]) * rng.standard_normal(image.shape, np.float32)
+    return image, np.ascontiguousarray(mask)
 
 
 class SampleStudy(grain.transforms.RandomMap):
@@ -98,6 +131,7 @@ class SampleStudy(grain.transforms.RandomMap):
             mask = np.where(mask <= NUM_VERTEBRAE, mask, 0).astype(np.uint8)
         if self.augment is not None:
             stacks, mask = _augment(stacks, mask, rng, self.augment)
+        stacks = add_position(stacks, centres, image.shape[0])
         labels = np.zeros(8, np.float32) if entry.labels is None else entry.labels
         return {
             "image": stacks,
@@ -154,9 +188,14 @@ def eval_dataset(entries: Sequence[cache.Entry], data_config: Mapping[str, Any],
     return ds.batch(batch_size, drop_remainder=False)
 
 
-def iterate(ds: grain.MapDataset, workers: int = 0) -> grain.DatasetIterator:
-    """An iterator with `get_state`/`set_state`; `workers` > 0 prefetches in processes."""
-    it_ds = ds.to_iter_dataset()
+def iterate(ds: grain.MapDataset, workers: int = 0, prefetch: int = 2) -> grain.DatasetIterator:
+    """An iterator with `get_state`/`set_state` that prepares `prefetch` batches ahead.
+
+    `workers` > 0 prepares them in that many processes, else in one background thread.
+    """
+    # Grain's default reads 500 elements ahead on 16 threads: here an element is a whole
+    # batch of studies (~75 MB), so that would hold gigabytes and starve the train step.
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
     if workers > 0:
         # Grain's workers read its absl flags; outside an absl app nobody parsed them.
         if not flags.FLAGS.is_parsed():

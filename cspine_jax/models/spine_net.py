@@ -41,8 +41,9 @@ from cspine_jax.models.heads import (
 
 
 def input_channels(config: ml_collections.ConfigDict) -> int:
-    """C of the image: K adjacent slices times the number of HU windows."""
-    return config.data.context * len(config.data.windows)
+    """C of the image: K adjacent slices times the number of HU windows, plus the slice's
+    position channel (`pipeline.add_position`)."""
+    return config.data.context * len(config.data.windows) + 1
 
 
 class SpineNet(nnx.Module):

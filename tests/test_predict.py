@@ -1,0 +1,159 @@
+"""Single-study triage CLI, its fracture saliency, and the evaluation report pictures.
+
+The CLI runs in a subprocess, as a user runs it, against a tiny run trained once for the
+module (`python train.py --config=configs/tiny.py`, 2 steps) on a tiny phantom study.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from cspine_jax import checkpoints, predict, report
+from cspine_jax.data import dicom, phantom, pipeline, prepare, preprocess
+from cspine_jax.data.rsna import LABEL_COLUMNS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Subprocess environment: CPU, one device, a private phantom/prepared cache root."""
+    root = str(tmp_path_factory.mktemp("cspine_cache"))
+    env = {**os.environ, "CSPINE_CACHE": root, "JAX_PLATFORMS": "cpu",
+           "JAX_NUM_CPU_DEVICES": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def tiny_run(env, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+         "--config.optim.steps=2", "--config.checkpoint.every=2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """(folder of <n>.dcm files, its Series)."""
+    study = phantom.generate_study(0, 0, "tiny", with_mask=False, with_boxes=False)
+    folder = tmp_path_factory.mktemp("study") / "study0"
+    dicom.write_series(folder, study.series)
+    return str(folder), study.series
+
+
+def _predict(env, *args):
+    return subprocess.run([sys.executable, "-m", "cspine_jax.predict", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_writes_probabilities_and_picture(env, tiny_run, tiny_study, tmp_path):
+    folder, series = tiny_study
+    result = _predict(env, folder, f"--workdir={tiny_run}", f"--out={tmp_path}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    with open(tmp_path / f"{series.uid}.json") as f:
+        record = json.load(f)
+    probs = np.array([record[name] for name in LABEL_COLUMNS])
+    assert probs.dtype == np.float64 and np.all((probs >= 0) & (probs <= 1)), record
+    assert record["checkpoint_step"] == 2
+    assert record["num_slices"] == series.hu.shape[0]
+    assert record["seconds"] > 0
+
+    png = tmp_path / f"{series.uid}.png"
+    assert png.stat().st_size > 10_000
+    picture = mpimg.imread(png)
+    # Three panels side by side at 150 dpi: wider than tall, and not a blank canvas.
+    assert picture.ndim == 3 and picture.shape[2] in (3, 4)
+    assert 800 <= picture.shape[0] <= 2500 and 1500 <= picture.shape[1] <= 6000
+    assert picture[..., :3].std() > 0.05
+
+
+def test_cli_errors_are_one_line_and_exit_1(env, tiny_run, tiny_study, tmp_path):
+    not_dicom = tmp_path / "notes"
+    not_dicom.mkdir()
+    (not_dicom / "readme.txt").write_text("not a CT")
+    result = _predict(env, str(not_dicom), f"--workdir={tiny_run}", f"--out={tmp_path}")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("predict: error:") and "no DICOM files" in last, result.stderr
+
+    folder, _ = tiny_study
+    empty_run = tmp_path / "no_run"
+    result = _predict(env, folder, f"--workdir={empty_run}", f"--out={tmp_path}")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("predict: error:") and "no checkpoint" in last, result.stderr
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_unstack_context_is_the_adjoint_of_stack_context():
+    rng = np.random.default_rng(0)
+    z, g, windows, context = 7, 4, 2, 5
+    volume = rng.normal(size=(z, g, g, windows)).astype(np.float32)
+    centres = np.array([0, 1, 3, 6, 6])  # edges clamp, repeats accumulate
+    grads = rng.normal(size=(len(centres), g, g, context * windows)).astype(np.float32)
+    forward = np.sum(pipeline.stack_context(volume, centres, context) * grads)
+    volume_grads = np.zeros_like(volume)
+    predict.unstack_context(grads, centres, context, volume_grads)
+    backward = np.sum(volume * volume_grads)
+    np.testing.assert_allclose(forward, backward, rtol=1e-5)
+
+
+def test_saliency_is_finite_nonzero_and_independent_of_the_chunk(tiny_run, tiny_study):
+    model, config, _ = checkpoints.load_model(tiny_run)
+    _, series = tiny_study
+    image = preprocess.prepare_series(series, **prepare.preprocessing_params(config.data)).image
+    levels = np.zeros(7, np.float32)
+    levels[[1, 4]] = 1.0
+    chunked = predict.FractureSaliency(model, config.data.context, chunk=8)
+    assert image.shape[0] % 8, "the last chunk should need padding"
+    saliency = chunked(image, levels)
+    assert saliency.shape == image.shape[:3]
+    assert np.isfinite(saliency).all() and saliency.max() > 0
+    whole = predict.FractureSaliency(model, config.data.context, chunk=image.shape[0])
+    np.testing.assert_allclose(saliency, whole(image, levels), rtol=1e-4,
+                               atol=1e-6 * saliency.max())
+    chunked(image[:-3], levels)  # another study length: no new chunk programs
+    assert chunked._encode._cache_size() == 1 and chunked._input_grad._cache_size() == 1
+
+
+def test_spine_course_follows_the_labels():
+    mask = np.zeros((20, 16, 16), bool)
+    for z in range(20):
+        if z % 4:  # slices without labels are interpolated
+            mask[z, 4 + z // 4, 7:10] = True
+    course = predict.spine_course(mask, spacing_z=2.0)
+    assert course.shape == (20, 2)
+    np.testing.assert_allclose(course[:, 1], 8.0, atol=1e-6)
+    assert np.all(np.diff(course[2:-2, 0]) > 0)  # moves down the rows as the labels do
+    assert predict.spine_course(np.zeros_like(mask), 2.0) is None
+
+
+def test_report_figures_render(tmp_path):
+    import matplotlib.pyplot as plt
+    from tensorboardX import SummaryWriter
+
+    rng = np.random.default_rng(1)
+    y_true = (rng.random((40, 8)) < 0.3).astype(np.float32)
+    y_true[:, 3] = 0  # one class only: listed, not plotted
+    probs = np.clip(0.5 * y_true + 0.5 * rng.random((40, 8)), 0, 1)
+    confusion = rng.integers(0, 100, (8, 8)) + np.diag(np.full(8, 1000))
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    paths = report.write_report(tmp_path / "report", y_true, probs, confusion, writer, step=5)
+    writer.close()
+    assert sorted(paths) == ["level_confusion", "reliability", "roc"]
+    for path in paths.values():
+        assert os.path.getsize(path) > 5_000
+        assert mpimg.imread(path).shape[0] > 300
+    assert any(name.startswith("events") for name in os.listdir(tmp_path / "tb"))
+    assert os.path.getsize(next((tmp_path / "tb").iterdir())) > 20_000  # three images
+    assert plt.get_fignums() == []  # no figure left in pyplot's global registry
