@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.fold = 0  # held-out fold
     c.data.workers = 0  # grain worker processes (0: in the main process)
     c.data.positive_oversample = 1.0  # sampling weight multiplier of positive studies
+    c.data.fracture_focus = 0.8  # chance a z bin holding boxed slices samples one of them
     # Phantoms already vary pose, size and field of view; an in-plane warp costs more host
     # time per study than the step itself on 2 cores, so the CPU default leaves it off.
     c.data.augment = ml_collections.ConfigDict(
@@ -36,7 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.decoder_width = 32
     c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
 
-    c.loss = ml_collections.ConfigDict(dict(study=1.0, seg_ce=1.0, seg_dice=1.0, slice=0.5))
+    c.loss = ml_collections.ConfigDict(
+        dict(study=1.0, seg_ce=1.0, seg_dice=1.0, slice=1.0, fracture_map=1.0))
 
     c.optim = ml_collections.ConfigDict()
     c.optim.batch_size = 8  # global, studies per step

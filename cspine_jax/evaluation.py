@@ -52,7 +52,7 @@ class StudyPredictor:
         self.context, self.chunk = context, chunk
 
         def encode(state, images):
-            seg, slice_logits, presence = nnx.merge(graphdef, state).encode_slices(images)
+            seg, slice_logits, presence, _ = nnx.merge(graphdef, state).encode_slices(images)
             return jnp.argmax(seg, -1).astype(jnp.uint8), slice_logits, presence
 
         def pool(state, slice_logits, presence, valid):

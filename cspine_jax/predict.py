@@ -79,7 +79,7 @@ class FractureSaliency:
         self.context, self.chunk = context, chunk
 
         def encode(state, stacks):
-            _, slice_logits, presence = nnx.merge(graphdef, state).encode_slices(stacks)
+            _, slice_logits, presence, _ = nnx.merge(graphdef, state).encode_slices(stacks)
             return slice_logits, presence
 
         def logit_grad(state, slice_logits, presence, valid, levels):

@@ -45,8 +45,11 @@ def _batch(config, seed=0):
     labels[0, [0, 2]] = 1.0
     slice_fracture = np.zeros((B, S), np.float32)
     slice_fracture[0, 1] = 1.0
+    fracture = np.zeros((B, S, GRID, GRID), np.int32)
+    fracture[0, 1, 12:16, 8:24] = 1
     batch = dict(image=image, mask=mask, has_mask=np.array([1, 0], np.float32),
-                 slice_fracture=slice_fracture, has_boxes=np.array([1, 0], np.float32),
+                 slice_fracture=slice_fracture, fracture=fracture,
+                 has_boxes=np.array([1, 0], np.float32),
                  labels=labels, valid=np.ones((B, S), np.float32))
     return jax.tree.map(jnp.asarray, batch)
 
@@ -149,7 +152,10 @@ def test_chunked_encode_then_pool_equals_forward(net):
     full = net.forward(net.state, batch["image"], batch["valid"])
     images = batch["image"].reshape(B * S, GRID, GRID, -1)
     chunks = [net.encode(net.state, images[i:i + 2]) for i in range(0, B * S, 2)]
-    seg, slices, presence = (jnp.concatenate(parts) for parts in zip(*chunks, strict=True))
+    seg, slices, presence, fracture = (jnp.concatenate(parts)
+                                       for parts in zip(*chunks, strict=True))
+    np.testing.assert_allclose(fracture.reshape(full["fracture_logits"].shape),
+                               full["fracture_logits"], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(seg.reshape(full["seg_logits"].shape), full["seg_logits"],
                                rtol=1e-4, atol=1e-4)
     study = net.pool(net.state, slices.reshape(B, S, 7), presence.reshape(B, S, 7),
@@ -162,7 +168,8 @@ def _outputs(batch, study_logits, seg_logits=None):
     if seg_logits is None:
         seg_logits = jnp.zeros((B, S, h, h, 8))
     return dict(seg_logits=seg_logits, slice_logits=jnp.zeros((B, S, 7)) - 1.0,
-                presence=jnp.ones((B, S, 7)), study_logits=study_logits)
+                presence=jnp.ones((B, S, 7)), fracture_logits=jnp.zeros((B, S, h, h)),
+                study_logits=study_logits)
 
 
 def test_study_loss_is_the_competition_metric():
@@ -187,7 +194,7 @@ def test_segmentation_terms_need_masks_and_reward_the_true_mask():
     unmasked = dict(batch, has_mask=jnp.zeros((B,)), has_boxes=jnp.zeros((B,)))
     total, terms = sn.compute_loss(_outputs(batch, zeros), unmasked, config.loss)
     assert float(terms["seg_ce"]) == 0.0 and float(terms["seg_dice"]) == 0.0
-    assert float(terms["slice"]) == 0.0
+    assert float(terms["slice"]) == 0.0 and float(terms["fracture_map"]) == 0.0
     assert np.isfinite(float(total))
 
     # Logits that are the (stride-2) mask itself: near-zero CE and Dice; uniform ones: not.
@@ -249,3 +256,27 @@ def test_bfloat16_compute_keeps_float32_params_and_finite_outputs():
     assert all(v.dtype == jnp.float32 and bool(jnp.isfinite(v).all()) for v in out.values())
     total, terms = sn.compute_loss(out, batch, jitted.config.loss)
     assert np.isfinite(float(total)) and all(np.isfinite(float(v)) for v in terms.values())
+
+
+def test_fracture_map_loss_rewards_the_box_mask():
+    batch = _batch(_tiny_config())
+    h = GRID // 2
+    # Cells of the stride-2 grid that hold a box pixel: rows 6..7, columns 4..11 of slice 1.
+    target = np.zeros((B, S, h, h), np.float32)
+    target[0, 1, 6:8, 4:12] = 1
+    exact = jnp.asarray(np.where(target > 0, 20.0, -20.0))
+    good = sn.fracture_map_loss(exact, batch["fracture"], batch["valid"], batch["has_boxes"])
+    flat = sn.fracture_map_loss(jnp.zeros((B, S, h, h)), batch["fracture"], batch["valid"],
+                                batch["has_boxes"])
+    assert float(good) < 1e-6 and abs(float(flat) - np.log(2)) < 1e-5
+
+
+def test_fracture_evidence_goes_to_the_vertebra_under_it():
+    seg = np.full((1, 8, 8, 8), -10.0, np.float32)
+    seg[..., 0] = 10.0
+    seg[0, :4, :, 2] = 10.0  # C2 fills the top half ...
+    seg[0, :4, :, 0] = -10.0
+    fracture = np.full((1, 8, 8), -10.0, np.float32)
+    fracture[0, 1, 3] = 10.0  # ... where the only fracture pixel is
+    logits = np.asarray(heads.fracture_evidence(jnp.asarray(seg), jnp.asarray(fracture)))
+    assert logits[0, 1] > 5.0 and (np.delete(logits[0], 1) < -5.0).all()

@@ -28,7 +28,8 @@ def entries(tmp_path_factory):
         mask = None
         if i % 2 == 0:
             mask = rng.integers(0, 10, (z, GRID, GRID)).astype(np.uint8)  # 8, 9 are thoracic
-        fracture = (np.arange(z) == 3).astype(np.float32)
+        fracture = np.zeros((z, GRID, GRID), np.uint8)
+        fracture[3, 4:6, 5:9] = 1
         labels = np.array([i % 3 == 0] + [i % 3 == 0] + [0] * 6, np.float32)
         prepared = Prepared(image, mask, fracture, (2.0, 1.0, 1.0))
         cache.write_entry(root, f"1.2.{i}", prepared, labels, has_boxes=i % 3 == 0, extra={})
@@ -53,6 +54,7 @@ def test_batch_shapes_and_dtypes(entries):
         "image": ((4, SLICES, GRID, GRID, CONTEXT * WINDOWS + 1), np.float32),
         "mask": ((4, SLICES, GRID, GRID), np.int32),
         "has_mask": ((4,), np.float32),
+        "fracture": ((4, SLICES, GRID, GRID), np.int32),
         "slice_fracture": ((4, SLICES), np.float32),
         "has_boxes": ((4,), np.float32),
         "labels": ((4, 8), np.float32),
@@ -77,6 +79,8 @@ def test_context_channels_are_neighbouring_slices(entries):
                     value = batch["image"][row, s, 0, 0, k * WINDOWS + w] * 255
                     assert round(float(value)) == 10 * source + w
         np.testing.assert_array_equal(batch["slice_fracture"][row], centres == 3)
+        boxed = batch["fracture"][row][centres == 3]
+        assert all(m.sum() == 8 and m[4:6, 5:9].all() for m in boxed)
         np.testing.assert_allclose(batch["image"][row, :, 5, 7, -1], centres / (z - 1))
     # One deterministic pass covers every study once.
     assert sorted(batch["study_index"].tolist()) == list(range(8))

@@ -87,8 +87,11 @@ def test_prepare_writes_entries_reports_failures_and_resumes(dataset, tmp_path):
     assert first.has_mask and first.has_boxes and first.num_slices == 6  # 11 mm / 2 mm + 1
     assert first.image().shape == (6, 16, 16, 2) and first.image().dtype == np.uint8
     assert first.mask()[:, 8, 8].tolist() == [1] * 6
-    # Boxes on files 5 and 6 (4-5 mm below the top) mark the slices at 4 and 6 mm.
+    # Boxes on files 5 and 6 (4-5 mm below the top) mark the slices at 4 and 6 mm, in the
+    # box's pixels scaled from 24 to 16 columns: x 8..16 -> 5..11 (rounded outwards).
     assert first.slice_fracture().tolist() == [0, 0, 1, 1, 0, 0]
+    fracture = np.asarray(first.fracture())
+    assert fracture[2, 5:11, 5:11].all() and fracture[2].sum() == 36
     # Reverse numbering changes nothing once slices are ordered by position.
     np.testing.assert_array_equal(entries["1.2.2"].image(), first.image())
 
@@ -108,7 +111,7 @@ def test_interrupted_study_leaves_no_entry(dataset, tmp_path, monkeypatch):
     out = str(tmp_path / "cache")
 
     def crash(path, array):  # dies while writing the second array of a study
-        if path.endswith("slice_fracture.npy"):
+        if path.endswith("fracture.npy"):
             raise KeyboardInterrupt
         np.lib.format.write_array(open(path, "wb"), array)
 

@@ -183,3 +183,26 @@ def test_checkpoint_restores_in_a_fresh_process(data_env, tmp_path):
                         "grid": tiny.get_config().data.grid}
     fresh = spine_net.create_model(config, 123)
     assert float(fresh.backbone.stem.kernel[...].sum()) != restored["sum"]
+
+
+def test_evaluate_reproduces_the_metrics_training_printed(data_env, tmp_path):
+    env, _ = data_env
+    run = tmp_path / "run"
+    printed = _train(env, run, "--config.optim.steps=4", "--config.checkpoint.every=2").stdout
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"),
+                             f"--workdir={run}"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(run / "metrics.json") as f:
+        trained = json.load(f)
+    with open(run / "eval" / "metrics.json") as f:
+        evaluated = json.load(f)
+    assert evaluated.keys() == trained.keys()
+    for key in ("competition_loss", "auc_mean_vertebra", "macro_f1", "dice_C2"):
+        assert f"{key} " in printed
+        np.testing.assert_allclose(evaluated[key], trained[key], rtol=1e-6, err_msg=key)
+    for name in ("submission.csv", "roc.png", "reliability.png", "level_confusion.png"):
+        assert (run / "eval" / name).stat().st_size > 0
+    with open(run / "eval" / "submission.csv") as f:
+        rows = f.read().splitlines()
+    assert rows[0] == "row_id,fractured" and len(rows) == 1 + 8 * 4  # 4 held-out studies

@@ -5,7 +5,7 @@ Layout::
     CACHE/manifest.json                 format version and preprocessing parameters
     CACHE/studies/<uid>/image.npy       (z', G, G, n_windows) uint8 windowed HU
     CACHE/studies/<uid>/mask.npy        (z', G, G) uint8 vertebra labels (masked studies)
-    CACHE/studies/<uid>/slice_fracture.npy   (z',) float32
+    CACHE/studies/<uid>/fracture.npy    (z', G, G) uint8 1 inside fracture boxes
     CACHE/studies/<uid>/meta.json       labels, flags, spacings
     CACHE/failures-<shard>.json         studies that could not be prepared, with the reason
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from cspine_jax.data.preprocess import Prepared
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _TMP_PREFIX = ".tmp-"
 
 
@@ -66,9 +66,14 @@ class Entry:
             return None
         return np.load(os.path.join(self.path, "mask.npy"), mmap_mode="r", allow_pickle=False)
 
+    def fracture(self) -> np.ndarray:
+        """(z', G, G) uint8 fracture-box mask, memory-mapped."""
+        return np.load(os.path.join(self.path, "fracture.npy"), mmap_mode="r",
+                       allow_pickle=False)
+
     def slice_fracture(self) -> np.ndarray:
-        """(z',) float32."""
-        return np.load(os.path.join(self.path, "slice_fracture.npy"), allow_pickle=False)
+        """(z',) float32: 1 where a fracture box touches the slice."""
+        return np.asarray(self.fracture()).any(axis=(1, 2)).astype(np.float32)
 
 
 def _write_json(path: str, payload: Any) -> None:
@@ -129,7 +134,7 @@ def write_entry(cache_dir: str, uid: str, prepared: Prepared, labels: np.ndarray
         np.save(os.path.join(tmp, "image.npy"), prepared.image)
         if prepared.mask is not None:
             np.save(os.path.join(tmp, "mask.npy"), prepared.mask)
-        np.save(os.path.join(tmp, "slice_fracture.npy"), prepared.slice_fracture)
+        np.save(os.path.join(tmp, "fracture.npy"), prepared.fracture)
         meta = {
             "uid": uid,
             "labels": None if labels is None else [float(v) for v in labels],

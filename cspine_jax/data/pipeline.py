@@ -12,6 +12,7 @@ Example (leading batch dim B after batching):
                   position (0 superior .. 1 inferior; see `add_position`)
   mask:           int32   (S, G, G) centre-slice vertebra label, 0 bg / 1-7 C1-C7 (thoracic -> 0)
   has_mask:       float32 ()  1 where the study has a segmentation
+  fracture:       int32   (S, G, G) 1 inside the centre slice's fracture boxes
   slice_fracture: float32 (S,) 1 where a fracture box touches the slice
   has_boxes:      float32 ()
   labels:         float32 (8,) [patient_overall, C1..C7] (zeros for unlabelled studies)
@@ -34,12 +35,26 @@ from cspine_jax.data import cache
 NUM_VERTEBRAE = 7
 
 
-def sample_centres(num_slices: int, count: int, rng: np.random.Generator | None) -> np.ndarray:
-    """(count,) int64 slice indices, one per equal bin along z; bin middles when rng is None."""
+def sample_centres(num_slices: int, count: int, rng: np.random.Generator | None,
+                   focus: np.ndarray | None = None, focus_prob: float = 0.0) -> np.ndarray:
+    """(count,) int64 slice indices, one per equal bin along z; bin middles when rng is None.
+
+    With `focus` ((num_slices,) flags, e.g. slices a fracture box touches), a bin holding
+    flagged slices takes one of them with probability `focus_prob`: the study is still seen
+    from top to bottom, but its fracture is rarely skipped by the sampling.
+    """
     edges = np.linspace(0.0, num_slices, count + 1)
     fraction = 0.5 if rng is None else rng.random(count)
     centres = np.floor(edges[:-1] + fraction * (edges[1:] - edges[:-1]))
-    return centres.astype(np.int64).clip(0, num_slices - 1)
+    centres = centres.astype(np.int64).clip(0, num_slices - 1)
+    if rng is not None and focus is not None and focus_prob > 0 and focus.any():
+        flagged = np.flatnonzero(focus)
+        bins = np.searchsorted(edges, flagged + 0.5) - 1
+        draws = rng.random(count)
+        for b in np.unique(bins):
+            if draws[b] < focus_prob:
+                centres[b] = rng.choice(flagged[bins == b])
+    return centres
 
 
 def stack_context(image: np.ndarray, centres: np.ndarray, context: int) -> np.ndarray:
@@ -81,11 +96,14 @@ def chunk_inputs(image: np.ndarray, start: int, chunk: int,
     return padded, centres
 
 
-def _augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
-             aug: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """One random in-plane flip/rotation/scale and intensity change for the whole study."""
+def _augment(image: np.ndarray, labels: tuple[np.ndarray, ...], rng: np.random.Generator,
+             aug: Mapping[str, Any]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """One random in-plane flip/rotation/scale and intensity change for the whole study.
+
+    image (S, G, G, C) float32; labels: (S, G, G) integer maps warped alike (nearest).
+    """
     if aug["flip"] and rng.random() < 0.5:
-        image, mask = image[:, :, ::-1], mask[:, :, ::-1]
+        image, labels = image[:, :, ::-1], tuple(x[:, :, ::-1] for x in labels)
     angle = np.deg2rad(rng.uniform(-aug["rotate_deg"], aug["rotate_deg"]))
     scale = 1.0 + rng.uniform(-aug["scale"], aug["scale"])
     if angle or scale != 1.0:
@@ -98,14 +116,14 @@ def _augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
             np.stack([ndimage.map_coordinates(image[s, ..., c], coords, order=1, mode="nearest")
                       for c in range(image.shape[-1])], axis=-1)
             for s in range(image.shape[0])])
-        mask = np.stack([ndimage.map_coordinates(m, coords, order=0, mode="constant")
-                         for m in mask])
+        labels = tuple(np.stack([ndimage.map_coordinates(m, coords, order=0, mode="constant")
+                                 for m in x]) for x in labels)
     gain = 1.0 + rng.uniform(-aug["intensity"], aug["intensity"])
     bias = rng.uniform(-aug["intensity"], aug["intensity"])
     image = image * np.float32(gain) + np.float32(bias)
     if aug["noise"]:
         image += np.float32(aug["noise"]) * rng.standard_normal(image.shape, np.float32)
-    return image, np.ascontiguousarray(mask)
+    return image, tuple(np.ascontiguousarray(x) for x in labels)
 
 
 class SampleStudy(grain.transforms.RandomMap):
@@ -115,13 +133,18 @@ class SampleStudy(grain.transforms.RandomMap):
         self.num_slices = int(data_config["num_slices"])
         self.context = int(data_config["context"])
         self.augment = dict(data_config["augment"]) if train else None
+        self.fracture_focus = float(data_config.get("fracture_focus", 0.0))
 
     def random_map(self, element: tuple[int, cache.Entry],
                    rng: np.random.Generator) -> dict[str, np.ndarray]:
         index, entry = element
         image = entry.image()
-        centres = sample_centres(image.shape[0], self.num_slices,
-                                 rng if self.augment is not None else None)
+        slice_fracture = entry.slice_fracture()
+        if self.augment is None:
+            centres = sample_centres(image.shape[0], self.num_slices, None)
+        else:
+            centres = sample_centres(image.shape[0], self.num_slices, rng, slice_fracture > 0,
+                                     self.fracture_focus)
         stacks = stack_context(image, centres, self.context).astype(np.float32) / 255.0
         volume_mask = entry.mask()
         if volume_mask is None:
@@ -129,15 +152,17 @@ class SampleStudy(grain.transforms.RandomMap):
         else:
             mask = np.asarray(volume_mask[centres])
             mask = np.where(mask <= NUM_VERTEBRAE, mask, 0).astype(np.uint8)
+        fracture = np.asarray(entry.fracture()[centres])
         if self.augment is not None:
-            stacks, mask = _augment(stacks, mask, rng, self.augment)
+            stacks, (mask, fracture) = _augment(stacks, (mask, fracture), rng, self.augment)
         stacks = add_position(stacks, centres, image.shape[0])
         labels = np.zeros(8, np.float32) if entry.labels is None else entry.labels
         return {
             "image": stacks,
             "mask": mask.astype(np.int32),
             "has_mask": np.float32(entry.has_mask),
-            "slice_fracture": entry.slice_fracture()[centres].astype(np.float32),
+            "fracture": fracture.astype(np.int32),
+            "slice_fracture": fracture.any(axis=(1, 2)).astype(np.float32),
             "has_boxes": np.float32(entry.has_boxes),
             "labels": labels.astype(np.float32),
             "valid": np.ones(self.num_slices, np.float32),

@@ -41,7 +41,7 @@ def prepare_study(study: rsna.Study, cache_dir: str, params: Mapping[str, Any]) 
     mask = None if study.mask_path is None else nifti.load_mask(study.mask_path, series)
     prepared = preprocess.prepare_series(
         series, grid=params["grid"], spacing_z=params["spacing_z"], windows=params["windows"],
-        mask=mask, box_slice_numbers=study.boxes[:, 0])
+        mask=mask, boxes=study.boxes)
     extra = {"source_shape": list(series.hu.shape), "source_spacing": list(series.spacing)}
     cache.write_entry(cache_dir, study.uid, prepared, study.labels, study.has_boxes, extra)
     return prepared.image.shape[0]

@@ -85,22 +85,29 @@ def window(hu: np.ndarray, windows: Sequence[Sequence[float]]) -> np.ndarray:
     return out
 
 
-def fracture_slices(series: Series, box_slice_numbers: np.ndarray, spacing_z: float) -> np.ndarray:
-    """(z',) float32: 1 where a prepared slice lies within half a step of a boxed slice.
+def fracture_mask(series: Series, boxes: np.ndarray, grid: int, spacing_z: float) -> np.ndarray:
+    """(z', grid, grid) uint8: 1 inside fracture boxes, on the prepared slices within half a
+    step of each boxed source slice.
 
     Args:
       series: the source series (its slice_numbers map file numbers to z indices).
-      box_slice_numbers: file numbers `n` of slices that carry a fracture box.
+      boxes: (n, 5) rows `[slice_number, x, y, width, height]` in source pixels.
       spacing_z: prepared slice spacing, mm.
     """
-    positions = slice_positions(len(series.slice_numbers), series.spacing[0], spacing_z)
-    flags = np.zeros(len(positions), np.float32)
-    boxed = np.flatnonzero(np.isin(series.slice_numbers, box_slice_numbers))
-    if len(boxed):
-        half_step = 0.5 * max(spacing_z / series.spacing[0], 1.0)
-        distance = np.abs(positions[:, None] - boxed[None, :])
-        flags[(distance <= half_step + 1e-6).any(axis=1)] = 1.0
-    return flags
+    z, h, w = series.hu.shape
+    positions = slice_positions(z, series.spacing[0], spacing_z)
+    mask = np.zeros((len(positions), grid, grid), np.uint8)
+    half_step = 0.5 * max(spacing_z / series.spacing[0], 1.0)
+    index_of = {int(n): i for i, n in enumerate(series.slice_numbers)}
+    for number, x, y, width, height in np.asarray(boxes, np.float64).reshape(-1, 5):
+        source = index_of.get(int(number))
+        if source is None:
+            continue
+        slices = np.flatnonzero(np.abs(positions - source) <= half_step + 1e-6)
+        x0, x1 = int(np.floor(x * grid / w)), int(np.ceil((x + width) * grid / w))
+        y0, y1 = int(np.floor(y * grid / h)), int(np.ceil((y + height) * grid / h))
+        mask[slices, max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)] = 1
+    return mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,26 +117,29 @@ class Prepared:
     Attributes:
       image: (z', G, G, n_windows) uint8 windowed HU, most superior slice first.
       mask: (z', G, G) uint8 vertebra labels (0 bg, 1-7 C1-C7, 8+ thoracic), or None.
-      slice_fracture: (z',) float32 1 where a fracture box touches the slice.
+      fracture: (z', G, G) uint8 1 inside the fracture boxes.
       spacing: (spacing_z, dy, dx) mm of the prepared grid.
     """
 
     image: np.ndarray
     mask: np.ndarray | None
-    slice_fracture: np.ndarray
+    fracture: np.ndarray
     spacing: tuple[float, float, float]
 
 
 def prepare_series(series: Series, *, grid: int, spacing_z: float,
                    windows: Sequence[Sequence[float]], mask: np.ndarray | None = None,
-                   box_slice_numbers: np.ndarray | None = None) -> Prepared:
-    """Resamples and windows one series (and its aligned mask) onto the model grid."""
+                   boxes: np.ndarray | None = None) -> Prepared:
+    """Resamples and windows one series (and its aligned mask and boxes) onto the model grid.
+
+    boxes: (n, 5) `[slice_number, x, y, width, height]` fracture boxes in source pixels.
+    """
     _, h, w = series.hu.shape
     dy, dx = series.spacing[1] * h / grid, series.spacing[2] * w / grid
-    boxes = np.zeros(0) if box_slice_numbers is None else box_slice_numbers
+    boxes = np.zeros((0, 5)) if boxes is None else boxes
     return Prepared(
         image=window(resample_hu(series.hu, series.spacing, grid, spacing_z), windows),
         mask=None if mask is None else resample_labels(mask, series.spacing, grid, spacing_z),
-        slice_fracture=fracture_slices(series, boxes, spacing_z),
+        fracture=fracture_mask(series, boxes, grid, spacing_z),
         spacing=(float(spacing_z), float(dy), float(dx)),
     )

@@ -54,8 +54,8 @@ def prepared_cache(data_config: Mapping[str, Any], *, progress: bool = True) -> 
     """The dataset folder (or phantoms) prepared on the config's grid; returns the cache."""
     data_dir = data_config["dir"] or phantom_dir(data_config["phantom"])
     params = prepare.preprocessing_params(data_config)
-    cache_dir = data_config["cache_dir"] or os.path.join(
-        cache_root(), f"prepared-{_digest([os.path.abspath(data_dir), params])}")
+    key = _digest([os.path.abspath(data_dir), params, cache.FORMAT_VERSION])
+    cache_dir = data_config["cache_dir"] or os.path.join(cache_root(), f"prepared-{key}")
     summary = prepare.prepare_dataset(data_dir, cache_dir, params, progress=progress)
     if summary.prepared or summary.failed:
         print("\n".join(summary.lines()))

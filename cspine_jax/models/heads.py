@@ -25,10 +25,10 @@ PRESENCE_FLOOR = 1e-4
 # Output layers start with zero kernels and biases at these priors (as big_vision's zero-init
 # heads): initial predictions are the priors, not random logits of scale 1, and Adam, which moves
 # each parameter by ~lr per step, does not spend the first hundred steps unlearning them.
-# Probability that a slice shows a fracture of one given vertebra:
-SLICE_PRIOR = 0.05
 # Probability of background in a segmentation pixel (the rest shared by C1..C7):
 BACKGROUND_PRIOR = 0.9
+# Probability that a pixel lies inside a fracture box:
+FRACTURE_PIXEL_PRIOR = 0.01
 
 
 def _upsample(x: jax.Array, factor: int) -> jax.Array:
@@ -39,10 +39,13 @@ def _upsample(x: jax.Array, factor: int) -> jax.Array:
 
 
 def _seg_prior_init(key, shape, dtype=jnp.float32):
-    """Bias of the segmentation logits: log-probabilities of the pixel class prior."""
+    """Bias of the decoder outputs: log-probabilities of the pixel class prior for the
+    NUM_CLASSES segmentation logits, then the prior logit of the fracture channel."""
     del key
-    vertebra = (1.0 - BACKGROUND_PRIOR) / (shape[0] - 1)
-    return jnp.log(jnp.full(shape, vertebra, dtype).at[0].set(BACKGROUND_PRIOR))
+    vertebra = (1.0 - BACKGROUND_PRIOR) / (NUM_CLASSES - 1)
+    seg = jnp.log(jnp.full((NUM_CLASSES,), vertebra, dtype).at[0].set(BACKGROUND_PRIOR))
+    fracture = math.log(FRACTURE_PIXEL_PRIOR / (1 - FRACTURE_PIXEL_PRIOR))
+    return jnp.concatenate([seg, jnp.full((shape[0] - NUM_CLASSES,), fracture, dtype)])
 
 
 class SegDecoder(nnx.Module):
@@ -50,7 +53,8 @@ class SegDecoder(nnx.Module):
 
     Level widths are min(width, backbone width at that level), so the high-resolution levels,
     where almost all of the decoder's FLOPs are, stay as narrow as the encoder there.
-    features (finest first, strides `strides`) -> logits (N, h, w, NUM_CLASSES) at strides[0].
+    features (finest first, strides `strides`) -> logits (N, h, w, NUM_CLASSES + 1) at
+    strides[0]: the segmentation classes, then the per-pixel fracture logit.
     """
 
     def __init__(self, feature_widths: Sequence[int], strides: Sequence[int], width: int,
@@ -67,7 +71,8 @@ class SegDecoder(nnx.Module):
         self.convs = nnx.List([conv(level[i + 1], level[i], 3, 1, dtype, rngs)
                                for i in range(len(level) - 1)])
         self.out_norm = group_norm(level[0], group_size, dtype, rngs)
-        self.out = nnx.Conv(level[0], NUM_CLASSES, (1, 1), dtype=dtype, param_dtype=jnp.float32,
+        self.out = nnx.Conv(level[0], NUM_CLASSES + 1, (1, 1), dtype=dtype,
+                            param_dtype=jnp.float32,
                             kernel_init=nnx.initializers.zeros_init(),
                             bias_init=_seg_prior_init, rngs=rngs)
 
@@ -90,6 +95,20 @@ def vertebra_presence(seg_logits: jax.Array, window: int) -> jax.Array:
     return probs.max(axis=(1, 2))
 
 
+def fracture_evidence(seg_logits: jax.Array, fracture_logits: jax.Array) -> jax.Array:
+    """Per-slice, per-vertebra fracture logit from the pixel maps: (N, h, w, 8), (N, h, w)
+    -> (N, 7), the logit of max over pixels of P(vertebra v) * P(fracture).
+
+    A fracture pixel counts for the vertebra the segmentation puts under it, so the level of
+    a fracture comes from where it is, not from a global guess.
+    """
+    log_vertebra = jax.nn.log_softmax(seg_logits.astype(jnp.float32), axis=-1)[..., 1:]
+    log_fracture = jax.nn.log_sigmoid(fracture_logits.astype(jnp.float32))[..., None]
+    log_p = (log_vertebra + log_fracture).max(axis=(1, 2))
+    log_p = jnp.minimum(log_p, -1e-6)
+    return log_p - jnp.log(-jnp.expm1(log_p))
+
+
 class SliceClassifier(nnx.Module):
     """Per-slice fracture logits for C1..C7 from the deepest feature map.
 
@@ -102,10 +121,10 @@ class SliceClassifier(nnx.Module):
         self.norm = group_norm(in_features, group_size, dtype, rngs)
         self.features = nnx.Linear(2 * in_features, hidden, dtype=dtype, rngs=rngs)
         self.presence = nnx.Linear(NUM_VERTEBRAE, hidden, dtype=dtype, rngs=rngs)
-        prior_logit = math.log(SLICE_PRIOR / (1 - SLICE_PRIOR))
+        # Adds to the pixel evidence (`fracture_evidence`), so it starts as a no-op.
         self.out = nnx.Linear(hidden, NUM_VERTEBRAE, dtype=dtype,
                               kernel_init=nnx.initializers.zeros_init(),
-                              bias_init=nnx.initializers.constant(prior_logit), rngs=rngs)
+                              bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
     def __call__(self, x: jax.Array, presence: jax.Array) -> jax.Array:
         x = nnx.silu(self.norm(x))

@@ -20,6 +20,8 @@ Config (`config.model`; fields after `dtype` are optional, defaults in brackets)
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,6 +37,7 @@ from cspine_jax.models.heads import (
     SegDecoder,
     SliceClassifier,
     StudyPool,
+    fracture_evidence,
     noisy_or_logit,
     vertebra_presence,
 )
@@ -68,21 +71,25 @@ class SpineNet(nnx.Module):
                                           group_size, dtype, rngs)
         self.study_pool = StudyPool(cfg.get("pool_temperature", 1.0))
 
-    def encode_slices(self, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def encode_slices(self, images: jax.Array) -> tuple[jax.Array, ...]:
         """Per-slice work, independent across slices (so chunkable).
 
         images (N, H, W, C) -> seg_logits (N, H/2, W/2, 8), slice_logits (N, 7),
-        presence (N, 7); all float32.
+        presence (N, 7), fracture_logits (N, H/2, W/2); all float32.
         """
         features = self.backbone(images)
-        seg_logits = self.decoder(features).astype(jnp.float32)
+        decoded = self.decoder(features).astype(jnp.float32)
+        seg_logits, fracture_logits = decoded[..., :NUM_CLASSES], decoded[..., NUM_CLASSES]
         presence = vertebra_presence(seg_logits, self.presence_window)
+        located = seg_logits
         if self.detach_presence:
             # The segmentation is trained by masks only: letting the fracture losses move it
             # would turn presence into free attention that no longer says where C_v is.
             presence = jax.lax.stop_gradient(presence)
-        slice_logits = self.classifier(features[-1], presence).astype(jnp.float32)
-        return seg_logits, slice_logits, presence
+            located = jax.lax.stop_gradient(seg_logits)
+        slice_logits = (fracture_evidence(located, fracture_logits)
+                        + self.classifier(features[-1], presence).astype(jnp.float32))
+        return seg_logits, slice_logits, presence, fracture_logits
 
     def pool(self, slice_logits: jax.Array, presence: jax.Array, valid: jax.Array) -> jax.Array:
         """(B, S, 7), (B, S, 7), (B, S) -> study logits (B, 8): [patient_overall, C1..C7]."""
@@ -90,13 +97,16 @@ class SpineNet(nnx.Module):
 
     def __call__(self, image: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
         """image (B, S, H, W, C), valid (B, S) -> dict of seg_logits (B, S, h, w, 8),
-        slice_logits (B, S, 7), presence (B, S, 7), study_logits (B, 8)."""
+        slice_logits (B, S, 7), presence (B, S, 7), fracture_logits (B, S, h, w),
+        study_logits (B, 8)."""
         b, s = image.shape[:2]
-        seg, slices, presence = self.encode_slices(image.reshape(b * s, *image.shape[2:]))
+        seg, slices, presence, fracture = self.encode_slices(
+            image.reshape(b * s, *image.shape[2:]))
         seg = seg.reshape(b, s, *seg.shape[1:])
         slices = slices.reshape(b, s, -1)
         presence = presence.reshape(b, s, -1)
         return dict(seg_logits=seg, slice_logits=slices, presence=presence,
+                    fracture_logits=fracture.reshape(b, s, *fracture.shape[1:]),
                     study_logits=self.pool(slices, presence, valid))
 
 
@@ -171,11 +181,30 @@ def slice_loss(slice_logits: jax.Array, slice_fracture: jax.Array, valid: jax.Ar
     return _masked_mean(bce, weights)
 
 
+def fracture_map_loss(fracture_logits: jax.Array, fracture: jax.Array, valid: jax.Array,
+                      has_boxes: jax.Array) -> jax.Array:
+    """Pixel BCE of the fracture map against the box masks, on studies with boxes.
+
+    fracture_logits (B, S, h, w), fracture (B, S, H, W) 0/1, valid (B, S), has_boxes (B,).
+    A cell of the output grid is positive if any of its pixels is (boxes are thin).
+    """
+    b, s, h, w = fracture_logits.shape
+    factor = fracture.shape[2] // h
+    # Strided slices, not a reshape: the batch axis is sharded and must stay untouched.
+    target = functools.reduce(jnp.maximum, [fracture[:, :, i::factor, j::factor]
+                                            for i in range(factor) for j in range(factor)])
+    target = target.astype(jnp.float32)
+    bce = optax.sigmoid_binary_cross_entropy(fracture_logits.astype(jnp.float32), target)
+    weights = (valid.astype(jnp.float32) * has_boxes.astype(jnp.float32)[:, None])
+    return _masked_mean(bce.mean(axis=(2, 3)), weights)
+
+
 def compute_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
                  loss_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted sum of the study, segmentation and slice losses, in float32.
 
-    loss_cfg holds the weights `study`, `seg_ce`, `seg_dice`, `slice`. Returns the total and
+    loss_cfg holds the weights `study`, `seg_ce`, `seg_dice`, `slice`, `fracture_map`
+    (default 0 where absent). Returns the total and
     the unweighted terms (for logging).
     """
     seg_ce, seg_dice = segmentation_losses(outputs["seg_logits"], batch["mask"], batch["valid"],
@@ -186,6 +215,8 @@ def compute_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
         seg_dice=seg_dice,
         slice=slice_loss(outputs["slice_logits"], batch["slice_fracture"], batch["valid"],
                          batch["has_boxes"]),
+        fracture_map=fracture_map_loss(outputs["fracture_logits"], batch["fracture"],
+                                       batch["valid"], batch["has_boxes"]),
     )
-    total = sum(loss_cfg[name] * value for name, value in terms.items())
+    total = sum(loss_cfg.get(name, 0.0) * value for name, value in terms.items())
     return total, terms
