@@ -16,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # prepared cache; empty: <workdir>/../cspine_cache/<hash of data+grid>
     c.data.phantom = ml_collections.ConfigDict(
         dict(num_studies=240, seed=0, size="demo", mask_fraction=0.3, box_fraction=1.0))
-    c.data.grid = 96  # in-plane pixels after resize (H = W): ~1.1-1.5 mm on demo phantoms
+    c.data.grid = 96  # in-plane pixels after resize (H = W)
+    c.data.crop = 0.75  # central fraction of the field of view kept: ~0.85-1.1 mm pixels
     c.data.spacing_z = 2.0  # mm between prepared slices
     c.data.windows = ((400.0, 1800.0), (40.0, 400.0))  # (centre, width) HU: bone, soft tissue
     c.data.context = 3  # K adjacent slices stacked as channels

@@ -12,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = default.get_config()
     c.data.dir = "/data/rsna-2022-cervical-spine-fracture-detection"
     c.data.grid = 384
+    c.data.crop = 1.0  # real fields of view vary too much to assume a centred spine
     c.data.spacing_z = 1.0
     c.data.context = 5
     c.data.num_slices = 32

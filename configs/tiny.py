@@ -9,6 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = default.get_config()
     c.data.phantom.update(num_studies=12, size="tiny", mask_fraction=0.5, box_fraction=0.5)
     c.data.grid = 32
+    c.data.crop = 1.0
     c.data.spacing_z = 4.0
     c.data.num_slices = 6
     c.data.num_folds = 3

@@ -10,7 +10,8 @@ import pytest
 
 from cspine_jax.data import cache, dicom, nifti, prepare, preprocess, rsna
 
-PARAMS = {"grid": 16, "spacing_z": 2.0, "windows": [[400.0, 1800.0], [40.0, 400.0]]}
+PARAMS = {"grid": 16, "spacing_z": 2.0, "crop": 1.0,
+          "windows": [[400.0, 1800.0], [40.0, 400.0]]}
 
 
 def test_resize_preserves_constants_and_means():
@@ -31,6 +32,23 @@ def test_resample_hu_follows_spacing():
     assert out.shape == (9, 8, 8)  # 20 mm of slices every 2.5 mm
     # Slice j lies at 2.5 j mm, i.e. source index 2.5 j; its value is kept (interior slices).
     np.testing.assert_allclose(out[1:-1, 4, 4], 25.0 * np.arange(1, 8), atol=1e-3)
+
+
+def test_crop_keeps_the_centre_on_every_map():
+    z, hw = 5, 40
+    series = _series("1.2.9", z, hw=hw)  # bone block at rows/columns 8..15
+    labels = np.zeros((z, hw, hw), np.uint8)
+    labels[:, 8:16, 8:16] = 3
+    boxes = np.array([[2, 8, 8, 8, 8]], np.float32)  # on file 2, the block itself
+    prepared = preprocess.prepare_series(series, grid=16, spacing_z=1.0, crop=0.5,
+                                         windows=[[400.0, 1800.0]], mask=labels, boxes=boxes)
+    # Crop 0.5 keeps source pixels 10..29, 1.25 per output pixel: the block's columns
+    # 10..15 become output pixels 0..4.
+    assert prepared.spacing[1] == pytest.approx(0.8 * 40 * 0.5 / 16)
+    np.testing.assert_array_equal(np.flatnonzero(prepared.mask[0, 0] == 3), np.arange(5))
+    assert (prepared.image[0, 0, :4, 0] > 200).all() and (prepared.image[0, 0, 6:, 0] == 0).all()
+    assert np.flatnonzero(prepared.fracture[1, 0]).tolist() == [0, 1, 2, 3, 4]
+    assert not prepared.fracture[[0, 2, 3, 4]].any()
 
 
 def test_window_maps_to_uint8():

@@ -31,6 +31,7 @@ def preprocessing_params(data_config: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "grid": int(data_config["grid"]),
         "spacing_z": float(data_config["spacing_z"]),
+        "crop": float(data_config.get("crop", 1.0)),
         "windows": [[float(c), float(w)] for c, w in data_config["windows"]],
     }
 
@@ -39,9 +40,7 @@ def prepare_study(study: rsna.Study, cache_dir: str, params: Mapping[str, Any]) 
     """Decodes, aligns, resamples and caches one study; returns its prepared slice count."""
     series = dicom.load_series(study.image_dir)
     mask = None if study.mask_path is None else nifti.load_mask(study.mask_path, series)
-    prepared = preprocess.prepare_series(
-        series, grid=params["grid"], spacing_z=params["spacing_z"], windows=params["windows"],
-        mask=mask, boxes=study.boxes)
+    prepared = preprocess.prepare_series(series, **params, mask=mask, boxes=study.boxes)
     extra = {"source_shape": list(series.hu.shape), "source_spacing": list(series.spacing)}
     cache.write_entry(cache_dir, study.uid, prepared, study.labels, study.has_boxes, extra)
     return prepared.image.shape[0]

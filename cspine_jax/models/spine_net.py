@@ -183,12 +183,14 @@ def slice_loss(slice_logits: jax.Array, slice_fracture: jax.Array, valid: jax.Ar
 
 def fracture_map_loss(fracture_logits: jax.Array, fracture: jax.Array, valid: jax.Array,
                       has_boxes: jax.Array) -> jax.Array:
-    """Pixel BCE of the fracture map against the box masks, on studies with boxes.
+    """Class-balanced pixel BCE of the fracture map against the box masks, on studies with
+    boxes: the mean over box pixels plus the mean over the other pixels, halved.
 
     fracture_logits (B, S, h, w), fracture (B, S, H, W) 0/1, valid (B, S), has_boxes (B,).
-    A cell of the output grid is positive if any of its pixels is (boxes are thin).
+    A cell of the output grid is positive if any of its pixels is (boxes are thin). Box
+    pixels are ~1 % of a slice: an unbalanced mean would let the prior alone fit it.
     """
-    b, s, h, w = fracture_logits.shape
+    _, _, h, _ = fracture_logits.shape
     factor = fracture.shape[2] // h
     # Strided slices, not a reshape: the batch axis is sharded and must stay untouched.
     target = functools.reduce(jnp.maximum, [fracture[:, :, i::factor, j::factor]
@@ -196,7 +198,10 @@ def fracture_map_loss(fracture_logits: jax.Array, fracture: jax.Array, valid: ja
     target = target.astype(jnp.float32)
     bce = optax.sigmoid_binary_cross_entropy(fracture_logits.astype(jnp.float32), target)
     weights = (valid.astype(jnp.float32) * has_boxes.astype(jnp.float32)[:, None])
-    return _masked_mean(bce.mean(axis=(2, 3)), weights)
+    weights = weights[:, :, None, None]
+    positive = _masked_mean(bce, weights * target)
+    negative = _masked_mean(bce, weights * (1.0 - target))
+    return 0.5 * (positive + negative)
 
 
 def compute_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
