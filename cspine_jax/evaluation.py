@@ -32,13 +32,13 @@ class StudyPrediction:
 
     Attributes:
       probs: (8,) float32 probabilities `[patient_overall, C1..C7]`.
-      slice_probs: (z', 7) per-slice fracture probabilities of C1..C7.
+      slice_logits: (z', 7) per-slice fracture logits of C1..C7.
       presence: (z', 7) per-slice vertebra presence.
       segmentation: (z', h, w) uint8 predicted labels (0 bg, 1-7 C1-C7) at the seg stride.
     """
 
     probs: np.ndarray
-    slice_probs: np.ndarray
+    slice_logits: np.ndarray
     presence: np.ndarray
     segmentation: np.ndarray
 
@@ -48,7 +48,7 @@ class StudyPredictor:
 
     def __init__(self, model: SpineNet, context: int, chunk: int = 32):
         graphdef, state = nnx.split(model)
-        self.state = jax.device_get(state)
+        self.graphdef, self.state = graphdef, jax.device_get(state)
         self.context, self.chunk = context, chunk
 
         def encode(state, images):
@@ -78,7 +78,7 @@ class StudyPredictor:
                            valid[None])
         return StudyPrediction(
             probs=np.asarray(probs[0], np.float32),
-            slice_probs=1.0 / (1.0 + np.exp(-logits_z)),
+            slice_logits=logits_z,
             presence=presence_z,
             segmentation=np.concatenate(segs),
         )

@@ -36,7 +36,6 @@ from scipy import ndimage
 from cspine_jax import checkpoints, evaluation, report, visualize
 from cspine_jax.data import dicom, pipeline, prepare, preprocess
 from cspine_jax.data.rsna import LABEL_COLUMNS, VERTEBRAE
-from cspine_jax.models.spine_net import SpineNet
 
 SUSPECT_THRESHOLD = 0.5
 _SLAB_MM = 15.0  # half-thickness of the heat map's maximum projection around each view plane
@@ -67,20 +66,16 @@ def unstack_context(grads: np.ndarray, centres: np.ndarray, context: int,
 class FractureSaliency:
     """Input-gradient saliency of a study's fracture logits, in bounded memory.
 
-    Three compiled programs, each at fixed shapes (the last chunk is padded), so a study of
-    any length compiles them once: a forward pass of one chunk of slices; the gradient of the
-    pooled study logits with respect to all per-slice logits (tiny); the input gradient of
-    sum(g * slice_logits) for one chunk. Only one chunk's activations are alive at a time.
+    Built on a StudyPredictor (whose forward pass gives the per-slice logits), plus two
+    compiled programs at fixed shapes (the last chunk is padded), so a study of any length
+    compiles them once: the gradient of the pooled study logits with respect to all
+    per-slice logits (tiny), and the input gradient of sum(g * slice_logits) for one chunk.
+    Only one chunk's activations are alive at a time.
     """
 
-    def __init__(self, model: SpineNet, context: int, chunk: int = 32):
-        graphdef, state = nnx.split(model)
-        self.state = jax.device_get(state)
-        self.context, self.chunk = context, chunk
-
-        def encode(state, stacks):
-            _, slice_logits, presence, _ = nnx.merge(graphdef, state).encode_slices(stacks)
-            return slice_logits, presence
+    def __init__(self, predictor: evaluation.StudyPredictor):
+        self.predictor = predictor
+        graphdef = predictor.graphdef
 
         def logit_grad(state, slice_logits, presence, valid, levels):
             model = nnx.merge(graphdef, state)
@@ -95,39 +90,35 @@ class FractureSaliency:
             model = nnx.merge(graphdef, state)
             return jax.grad(lambda x: jnp.sum(g * model.encode_slices(x)[1]))(stacks)
 
-        self._encode = jax.jit(encode)
         self._logit_grad = jax.jit(logit_grad)
         self._input_grad = jax.jit(input_grad)
 
-    def __call__(self, image: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    def __call__(self, image: np.ndarray, levels: np.ndarray,
+                 prediction: evaluation.StudyPrediction | None = None) -> np.ndarray:
         """Saliency of the summed study logits of `levels`.
 
         Args:
           image: (z', G, G, n_windows) uint8 prepared study.
           levels: (7,) weights of the C1..C7 study logits (1 for each suspected level).
+          prediction: the predictor's output for `image`, if already computed.
 
         Returns:
           (z', G, G) float32 |d logits / d voxel|, summed over the windows.
         """
+        p = self.predictor
+        prediction = p(image) if prediction is None else prediction
         z = image.shape[0]
-        starts = range(0, z, self.chunk)
-        length = len(starts) * self.chunk
-        logits = np.zeros((length, pipeline.NUM_VERTEBRAE), np.float32)
-        presence = np.zeros_like(logits)
-        for start in starts:
-            stacks, centres = pipeline.chunk_inputs(image, start, self.chunk, self.context)
-            chunk_logits, chunk_presence = jax.device_get(self._encode(self.state, stacks))
-            logits[start: start + self.chunk] = chunk_logits
-            presence[start: start + self.chunk] = chunk_presence
-        valid = (np.arange(length) < z).astype(np.float32)
-        g = np.asarray(self._logit_grad(self.state, logits, presence, valid,
+        starts = range(0, z, p.chunk)
+        pad = ((0, len(starts) * p.chunk - z), (0, 0))
+        valid = (np.arange(len(starts) * p.chunk) < z).astype(np.float32)
+        g = np.asarray(self._logit_grad(p.state, np.pad(prediction.slice_logits, pad),
+                                        np.pad(prediction.presence, pad), valid,
                                         np.asarray(levels, np.float32)))
         volume = np.zeros(image.shape, np.float32)
         for start in starts:
-            stacks, centres = pipeline.chunk_inputs(image, start, self.chunk, self.context)
-            grads = np.asarray(self._input_grad(self.state, stacks,
-                                                g[start: start + self.chunk]))
-            unstack_context(grads[: len(centres)], centres, self.context, volume)
+            stacks, centres = pipeline.chunk_inputs(image, start, p.chunk, p.context)
+            grads = np.asarray(self._input_grad(p.state, stacks, g[start: start + p.chunk]))
+            unstack_context(grads[: len(centres)], centres, p.context, volume)
         return np.abs(volume).sum(axis=-1)
 
 
@@ -443,8 +434,7 @@ def predict_study(study_dir: str, workdir: str, out_dir: str,
     t = lap("predict", t)
     probs = prediction.probs
     levels = suspected_levels(probs)
-    saliency = FractureSaliency(model, config.data.context, predictor.chunk)(prepared.image,
-                                                                             levels)
+    saliency = FractureSaliency(predictor)(prepared.image, levels, prediction)
     t = lap("saliency", t)
     views, planes = _views(series, prepared, prediction.segmentation, saliency, levels,
                            params["windows"])

@@ -191,11 +191,17 @@ def test_segmentation_terms_need_masks_and_reward_the_true_mask():
     config = _tiny_config()
     batch = _batch(config)
     zeros = jnp.zeros((B, 8))
-    unmasked = dict(batch, has_mask=jnp.zeros((B,)), has_boxes=jnp.zeros((B,)))
+    # Positive studies without boxes: nothing says where their fractures are.
+    unmasked = dict(batch, has_mask=jnp.zeros((B,)), has_boxes=jnp.zeros((B,)),
+                    labels=jnp.ones((B, 8)))
     total, terms = sn.compute_loss(_outputs(batch, zeros), unmasked, config.loss)
     assert float(terms["seg_ce"]) == 0.0 and float(terms["seg_dice"]) == 0.0
     assert float(terms["slice"]) == 0.0 and float(terms["fracture_map"]) == 0.0
     assert np.isfinite(float(total))
+    # A negative study has no fracture anywhere: its slices and pixels are supervised.
+    negative = dict(unmasked, labels=jnp.zeros((B, 8)))
+    _, terms = sn.compute_loss(_outputs(batch, zeros), negative, config.loss)
+    assert float(terms["slice"]) > 0.0 and float(terms["fracture_map"]) > 0.0
 
     # Logits that are the (stride-2) mask itself: near-zero CE and Dice; uniform ones: not.
     truth = 30.0 * jax.nn.one_hot(batch["mask"][:, :, 1::2, 1::2], 8)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from cspine_jax import checkpoints, predict, report
+from cspine_jax import checkpoints, evaluation, predict, report
 from cspine_jax.data import dicom, phantom, pipeline, prepare, preprocess
 from cspine_jax.data.rsna import LABEL_COLUMNS
 
@@ -114,16 +114,19 @@ def test_saliency_is_finite_nonzero_and_independent_of_the_chunk(tiny_run, tiny_
     image = preprocess.prepare_series(series, **prepare.preprocessing_params(config.data)).image
     levels = np.zeros(7, np.float32)
     levels[[1, 4]] = 1.0
-    chunked = predict.FractureSaliency(model, config.data.context, chunk=8)
+    chunked = predict.FractureSaliency(
+        evaluation.StudyPredictor(model, config.data.context, chunk=8))
     assert image.shape[0] % 8, "the last chunk should need padding"
     saliency = chunked(image, levels)
     assert saliency.shape == image.shape[:3]
     assert np.isfinite(saliency).all() and saliency.max() > 0
-    whole = predict.FractureSaliency(model, config.data.context, chunk=image.shape[0])
+    whole = predict.FractureSaliency(
+        evaluation.StudyPredictor(model, config.data.context, chunk=image.shape[0]))
     np.testing.assert_allclose(saliency, whole(image, levels), rtol=1e-4,
                                atol=1e-6 * saliency.max())
     chunked(image[:-3], levels)  # another study length: no new chunk programs
-    assert chunked._encode._cache_size() == 1 and chunked._input_grad._cache_size() == 1
+    assert (chunked.predictor._encode._cache_size() == 1
+            and chunked._input_grad._cache_size() == 1)
 
 
 def test_spine_course_follows_the_labels():

@@ -750,6 +750,15 @@ def _ring_point(A, B, theta):
     return p, t
 
 
+
+def _bone(rng, cortex: float, hu_cortex: float, hu_cancellous: float) -> dict[str, float]:
+    """One vertebra's cortex thickness (mm) and HU, varied around the patient's values."""
+    return dict(
+        cortex_mm=float(np.clip(cortex + rng.normal(0, 0.1), 0.9, 1.9)),
+        hu_cortex=float(np.clip(hu_cortex * rng.normal(1, 0.04), 800, 1500)),
+        hu_cancellous=float(np.clip(hu_cancellous * rng.normal(1, 0.06), 150, 350)),
+    )
+
 def _plan_anatomy(rng, look_rng, widen):
     """Vertebrae C1..T2 (no fractures yet) and discs of one patient."""
     patient_scale, dims = _sample_dims(rng)
@@ -807,9 +816,7 @@ def _plan_anatomy(rng, look_rng, widen):
                 cuts=cuts,
                 body=body,
                 anchors=anchors,
-                cortex_mm=float(np.clip(cortex + rng.normal(0, 0.1), 0.9, 1.9)),
-                hu_cortex=float(np.clip(hu_cortex * rng.normal(1, 0.04), 800, 1500)),
-                hu_cancellous=float(np.clip(hu_canc * rng.normal(1, 0.06), 150, 350)),
+                **_bone(rng, cortex, hu_cortex, hu_canc),
             )
         )
     # Atlas on top of the axis: the dens sits 2 mm behind the anterior arch.
@@ -837,9 +844,7 @@ def _plan_anatomy(rng, look_rng, widen):
             cuts=scaled_cuts,
             body=None,
             anchors=anchors,
-            cortex_mm=float(np.clip(cortex + rng.normal(0, 0.1), 0.9, 1.9)),
-            hu_cortex=float(np.clip(hu_cortex * rng.normal(1, 0.04), 800, 1500)),
-            hu_cancellous=float(np.clip(hu_canc * rng.normal(1, 0.06), 150, 350)),
+            **_bone(rng, cortex, hu_cortex, hu_canc),
         ),
     )
     _add_lookalikes(vertebrae, degeneration, look_rng, widen)

@@ -172,21 +172,23 @@ def segmentation_losses(seg_logits: jax.Array, mask: jax.Array, valid: jax.Array
 
 
 def slice_loss(slice_logits: jax.Array, slice_fracture: jax.Array, valid: jax.Array,
-               has_boxes: jax.Array) -> jax.Array:
+               located: jax.Array) -> jax.Array:
     """BCE of "any fracture on this slice" (noisy-OR of the 7 slice logits), averaged over
-    the valid slices of studies with boxes. (B, S, 7), (B, S), (B, S), (B,) -> scalar."""
+    the valid slices of studies whose fractures are `located` (boxes, or none at all).
+    (B, S, 7), (B, S), (B, S), (B,) -> scalar."""
     any_logit = noisy_or_logit(slice_logits.astype(jnp.float32), axis=-1)
     bce = optax.sigmoid_binary_cross_entropy(any_logit, slice_fracture.astype(jnp.float32))
-    weights = valid.astype(jnp.float32) * has_boxes.astype(jnp.float32)[:, None]
+    weights = valid.astype(jnp.float32) * located.astype(jnp.float32)[:, None]
     return _masked_mean(bce, weights)
 
 
 def fracture_map_loss(fracture_logits: jax.Array, fracture: jax.Array, valid: jax.Array,
-                      has_boxes: jax.Array) -> jax.Array:
+                      located: jax.Array) -> jax.Array:
     """Class-balanced pixel BCE of the fracture map against the box masks, on studies with
     boxes: the mean over box pixels plus the mean over the other pixels, halved.
 
-    fracture_logits (B, S, h, w), fracture (B, S, H, W) 0/1, valid (B, S), has_boxes (B,).
+    fracture_logits (B, S, h, w), fracture (B, S, H, W) 0/1, valid (B, S), located (B,) 1
+    where the fracture pixels are known (boxes, or a negative study).
     A cell of the output grid is positive if any of its pixels is (boxes are thin). Box
     pixels are ~1 % of a slice: an unbalanced mean would let the prior alone fit it.
     """
@@ -197,7 +199,7 @@ def fracture_map_loss(fracture_logits: jax.Array, fracture: jax.Array, valid: ja
                                             for i in range(factor) for j in range(factor)])
     target = target.astype(jnp.float32)
     bce = optax.sigmoid_binary_cross_entropy(fracture_logits.astype(jnp.float32), target)
-    weights = (valid.astype(jnp.float32) * has_boxes.astype(jnp.float32)[:, None])
+    weights = (valid.astype(jnp.float32) * located.astype(jnp.float32)[:, None])
     weights = weights[:, :, None, None]
     positive = _masked_mean(bce, weights * target)
     negative = _masked_mean(bce, weights * (1.0 - target))
@@ -214,14 +216,16 @@ def compute_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
     """
     seg_ce, seg_dice = segmentation_losses(outputs["seg_logits"], batch["mask"], batch["valid"],
                                            batch["has_mask"])
+    # Where fractures are is known on studies with boxes, and on negative studies: nowhere.
+    located = jnp.maximum(batch["has_boxes"], 1.0 - batch["labels"][:, 0])
     terms = dict(
         study=study_loss(outputs["study_logits"], batch["labels"]),
         seg_ce=seg_ce,
         seg_dice=seg_dice,
         slice=slice_loss(outputs["slice_logits"], batch["slice_fracture"], batch["valid"],
-                         batch["has_boxes"]),
+                         located),
         fracture_map=fracture_map_loss(outputs["fracture_logits"], batch["fracture"],
-                                       batch["valid"], batch["has_boxes"]),
+                                       batch["valid"], located),
     )
     total = sum(loss_cfg.get(name, 0.0) * value for name, value in terms.items())
     return total, terms
