@@ -280,9 +280,13 @@ def test_fracture_map_loss_rewards_the_box_mask():
 def test_fracture_evidence_goes_to_the_vertebra_under_it():
     seg = np.full((1, 8, 8, 8), -10.0, np.float32)
     seg[..., 0] = 10.0
-    seg[0, :4, :, 2] = 10.0  # C2 fills the top half ...
+    seg[0, :4, :, 2] = 10.0  # C2 fills the top half (32 pixels) ...
     seg[0, :4, :, 0] = -10.0
-    fracture = np.full((1, 8, 8), -10.0, np.float32)
-    fracture[0, 1, 3] = 10.0  # ... where the only fracture pixel is
-    logits = np.asarray(heads.fracture_evidence(jnp.asarray(seg), jnp.asarray(fracture)))
-    assert logits[0, 1] > 5.0 and (np.delete(logits[0], 1) < -5.0).all()
+    fracture = np.full((2, 8, 8), -10.0, np.float32)
+    fracture[0, 1:3, 2:6] = 10.0  # ... where 8 of them are flagged,
+    fracture[1, 1, 3] = 10.0  # or only one.
+    logits = np.asarray(heads.fracture_evidence(jnp.asarray(np.repeat(seg, 2, axis=0)),
+                                                jnp.asarray(fracture)))
+    # Logit of the flagged share of C2's area (32 pixels + 1 in the denominator).
+    np.testing.assert_allclose(logits[:, 1], [np.log(8 / 25), np.log(1 / 32)], rtol=1e-3)
+    assert (np.delete(logits, 1, axis=1) < -9.0).all()

@@ -97,16 +97,18 @@ def vertebra_presence(seg_logits: jax.Array, window: int) -> jax.Array:
 
 def fracture_evidence(seg_logits: jax.Array, fracture_logits: jax.Array) -> jax.Array:
     """Per-slice, per-vertebra fracture logit from the pixel maps: (N, h, w, 8), (N, h, w)
-    -> (N, 7), the logit of max over pixels of P(vertebra v) * P(fracture).
+    -> (N, 7), the logit of the share of vertebra v's area that the fracture map flags,
+    sum(P(v) * P(fracture)) / sum(P(v)).
 
     A fracture pixel counts for the vertebra the segmentation puts under it, so the level of
-    a fracture comes from where it is, not from a global guess.
+    a fracture comes from where it is, not from a global guess. An area share rather than a
+    maximum: a max over thousands of pixels saturates on the map's scattered false alarms.
     """
-    log_vertebra = jax.nn.log_softmax(seg_logits.astype(jnp.float32), axis=-1)[..., 1:]
-    log_fracture = jax.nn.log_sigmoid(fracture_logits.astype(jnp.float32))[..., None]
-    log_p = (log_vertebra + log_fracture).max(axis=(1, 2))
-    log_p = jnp.minimum(log_p, -1e-6)
-    return log_p - jnp.log(-jnp.expm1(log_p))
+    vertebra = jax.nn.softmax(seg_logits.astype(jnp.float32), axis=-1)[..., 1:]
+    fracture = jax.nn.sigmoid(fracture_logits.astype(jnp.float32))[..., None]
+    share = (vertebra * fracture).sum(axis=(1, 2)) / (vertebra.sum(axis=(1, 2)) + 1.0)
+    share = jnp.clip(share, 1e-6, 1 - 1e-6)
+    return jnp.log(share) - jnp.log1p(-share)
 
 
 class SliceClassifier(nnx.Module):
