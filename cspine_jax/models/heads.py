@@ -163,16 +163,17 @@ def noisy_or_logit(logits: jax.Array, axis: int) -> jax.Array:
 class StudyPool(nnx.Module):
     """Study logits [patient_overall, C1..C7] from per-slice logits, pooled over z.
 
-    C_v: a presence-weighted log-mean-exp with a learned temperature per vertebra (a soft max
-    over the slices where the vertebra is) plus a learned bias. patient_overall: the noisy-OR
+    C_v: a presence-weighted log-mean-exp at a fixed temperature (a soft max over the slices
+    where the vertebra is) plus a learned bias. The temperature is not learned: while the
+    slice logits are still alike (all of early training) its gradient is rounding noise,
+    which Adam would turn into full-size random steps. patient_overall: the noisy-OR
     of the seven vertebra probabilities, as a logit, through a learned affine.
     Sums over slices only, so any S works and slice order does not matter.
     slice_logits (B, S, 7), presence (B, S, 7), valid (B, S) -> (B, 8), float32.
     """
 
     def __init__(self, temperature: float):
-        log_t = math.log(temperature)
-        self.log_temperature = nnx.Param(jnp.full((NUM_VERTEBRAE,), log_t, jnp.float32))
+        self.temperature = float(temperature)
         self.bias = nnx.Param(jnp.zeros((NUM_VERTEBRAE,)))
         self.overall_scale = nnx.Param(jnp.ones(()))
         self.overall_bias = nnx.Param(jnp.zeros(()))
@@ -182,7 +183,7 @@ class StudyPool(nnx.Module):
         slice_logits = slice_logits.astype(jnp.float32)
         weights = valid.astype(jnp.float32)[..., None] * (presence.astype(jnp.float32)
                                                           + PRESENCE_FLOOR)
-        tau = jnp.exp(self.log_temperature[...])
+        tau = self.temperature
         vertebra = tau * weighted_log_mean_exp(slice_logits / tau, weights, axis=1)
         vertebra = vertebra + self.bias[...]
         overall = (self.overall_scale[...] * noisy_or_logit(vertebra, axis=-1)

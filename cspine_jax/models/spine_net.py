@@ -14,7 +14,7 @@ Config (`config.model`; fields after `dtype` are optional, defaults in brackets)
   norm_group_size        GroupNorm channels per group (about; >= 1 group) [16]
   head_hidden            slice-classifier hidden width [widths[-1]]
   presence_window        side of the mean filter before the max giving presence [3]
-  pool_temperature       initial log-mean-exp temperature of the study pool [1.0]
+  pool_temperature       log-mean-exp temperature of the study pool [1.0]
   detach_presence        no gradient from the fracture losses into presence [True]
 """
 
@@ -182,17 +182,21 @@ def slice_loss(slice_logits: jax.Array, slice_fracture: jax.Array, valid: jax.Ar
     return _masked_mean(bce, weights)
 
 
+HARD_NEGATIVE_SHARE = 0.02  # share of each study's pixels that make up its negative term
+
+
 def fracture_map_loss(fracture_logits: jax.Array, fracture: jax.Array, valid: jax.Array,
                       located: jax.Array) -> jax.Array:
-    """Class-balanced pixel BCE of the fracture map against the box masks, on studies with
-    boxes: the mean over box pixels plus the mean over the other pixels, halved.
+    """Pixel BCE of the fracture map against the box masks: the mean over box pixels plus
+    the mean over each study's hardest negative pixels (the top 2 % by loss), halved.
 
     fracture_logits (B, S, h, w), fracture (B, S, H, W) 0/1, valid (B, S), located (B,) 1
-    where the fracture pixels are known (boxes, or a negative study).
-    A cell of the output grid is positive if any of its pixels is (boxes are thin). Box
-    pixels are ~1 % of a slice: an unbalanced mean would let the prior alone fit it.
+    where the fracture pixels are known (boxes, or a negative study). A cell of the output
+    grid is positive if any of its pixels is (boxes are thin). Box pixels are ~1 % of a
+    slice and mostly bone: against a mean over all negatives (mostly air and soft tissue)
+    "fire on bone" already wins, so the negative term keeps only the hardest pixels.
     """
-    _, _, h, _ = fracture_logits.shape
+    b, s, h, w = fracture_logits.shape
     factor = fracture.shape[2] // h
     # Strided slices, not a reshape: the batch axis is sharded and must stay untouched.
     target = functools.reduce(jnp.maximum, [fracture[:, :, i::factor, j::factor]
@@ -202,7 +206,9 @@ def fracture_map_loss(fracture_logits: jax.Array, fracture: jax.Array, valid: ja
     weights = (valid.astype(jnp.float32) * located.astype(jnp.float32)[:, None])
     weights = weights[:, :, None, None]
     positive = _masked_mean(bce, weights * target)
-    negative = _masked_mean(bce, weights * (1.0 - target))
+    negatives = (bce * weights * (1.0 - target)).reshape(b, s * h * w)
+    hardest, _ = jax.lax.top_k(negatives, max(1, int(HARD_NEGATIVE_SHARE * s * h * w)))
+    negative = _masked_mean(hardest.mean(axis=-1), located.astype(jnp.float32))
     return 0.5 * (positive + negative)
 
 
