@@ -139,12 +139,11 @@ class SampleStudy(grain.transforms.RandomMap):
                    rng: np.random.Generator) -> dict[str, np.ndarray]:
         index, entry = element
         image = entry.image()
-        slice_fracture = entry.slice_fracture()
         if self.augment is None:
             centres = sample_centres(image.shape[0], self.num_slices, None)
         else:
-            centres = sample_centres(image.shape[0], self.num_slices, rng, slice_fracture > 0,
-                                     self.fracture_focus)
+            centres = sample_centres(image.shape[0], self.num_slices, rng,
+                                     entry.slice_fracture() > 0, self.fracture_focus)
         stacks = stack_context(image, centres, self.context).astype(np.float32) / 255.0
         volume_mask = entry.mask()
         if volume_mask is None:
