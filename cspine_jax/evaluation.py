@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
+from tensorboardX import SummaryWriter
 
 from cspine_jax import checkpoints, metrics, report
 from cspine_jax.data import cache, pipeline, rsna, sources
@@ -196,7 +197,10 @@ def evaluate_run(workdir: str, data_dir: str | None = None, out_dir: str | None 
         values, predictions = evaluate_entries(predictor, entries, threshold, progress)
         values = {"step": float(step), **values}
         y_true = np.stack([e.labels for e in entries])
-        report.write_report(out_dir, y_true, predictions.probs, predictions.confusion)
+        writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        report.write_report(out_dir, y_true, predictions.probs, predictions.confusion,
+                            writer=writer, step=step)
+        writer.close()
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(values, f, indent=1)
     else:

@@ -203,6 +203,7 @@ def test_evaluate_reproduces_the_metrics_training_printed(data_env, tmp_path):
         np.testing.assert_allclose(evaluated[key], trained[key], rtol=1e-6, err_msg=key)
     for name in ("submission.csv", "roc.png", "reliability.png", "level_confusion.png"):
         assert (run / "eval" / name).stat().st_size > 0
+    assert list((run / "eval" / "tensorboard").glob("events.out.tfevents.*"))
     with open(run / "eval" / "submission.csv") as f:
         rows = f.read().splitlines()
     assert rows[0] == "row_id,fractured" and len(rows) == 1 + 8 * 4  # 4 held-out studies
