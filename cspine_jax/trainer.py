@@ -24,6 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tensorboardX import SummaryWriter  # TensorFlow-free event files
 
 from cspine_jax import checkpoints, evaluation, metrics, optim, report, visualize
 from cspine_jax.data import cache, pipeline, sources
@@ -173,11 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state = checkpoints.restore(mngr, step, state, train_iter)
         if chief:
             print(f"resumed from step {step} of {workdir}")
-    writer = None
-    if chief:
-        from tensorboardX import SummaryWriter  # TensorFlow-free event files
-
-        writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if chief else None
 
     # Evals: held-out competition loss and AUC on evenly spaced slices, one picture.
     # Global row g of a batch holds local row g % L of process g // L (L rows each), i.e.

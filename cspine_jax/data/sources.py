@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cspine_jax.data import cache, prepare, rsna
+from cspine_jax.data import cache, phantom, prepare, rsna
 
 
 def cache_root() -> str:
@@ -31,8 +31,6 @@ def _digest(payload: Any) -> str:
 
 def phantom_dir(phantom_config: Mapping[str, Any]) -> str:
     """Writes the described phantom set once (atomically); returns its folder."""
-    from cspine_jax.data import phantom  # the generator is only needed without a dataset
-
     spec = {k: phantom_config[k] for k in sorted(phantom_config)}
     out = os.path.join(cache_root(), f"phantoms-{spec['size']}-{_digest(spec)}")
     if not os.path.exists(os.path.join(out, "train.csv")):
