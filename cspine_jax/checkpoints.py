@@ -3,13 +3,15 @@
 `workdir/checkpoints/<step>/` holds items `state` ({params, opt_state}), `data` (the Grain
 iterator, one file per process) and `config` (JSON), plus the step's validation metrics.
 Orbax writes each step into a temporary folder and renames it when complete, so a killed
-save leaves the previous checkpoints readable.
+save leaves the previous checkpoints readable; steps it drops are first renamed into
+`checkpoints/deleted/`, so a killed deletion leaves no half step behind either.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import grain
@@ -20,9 +22,13 @@ from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
 from cspine_jax import optim
-from cspine_jax.models import spine_net
+from cspine_jax.models import spine_net, two_stage
 
 BEST_METRIC = "val_loss"  # lower is better
+# Orbax deletes a step it no longer keeps file by file, in place: killed half-way, that
+# leaves a listed step which no longer restores. Renamed into this subfolder instead (one
+# atomic rename), a step leaves the listing at once; the folder is emptied between saves.
+_DELETED = "deleted"
 
 
 def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
@@ -34,9 +40,20 @@ def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.Checkpo
     # best_fn also makes Orbax write each step's metrics to disk, where best_step finds them.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC], best_mode="min",
-        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
+        todelete_subdir=None if read_only else _DELETED)
+    mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  options=options)
+    if not read_only:
+        _purge_deleted(mngr)
+    return mngr
+
+
+def _purge_deleted(mngr: ocp.CheckpointManager) -> None:
+    """Removes the steps Orbax set aside. Only while no save is in flight: Orbax moves steps
+    there from its background thread, and only on the primary process."""
+    if jax.process_index() == 0:
+        shutil.rmtree(os.path.join(mngr.directory, _DELETED), ignore_errors=True)
 
 
 def best_step(mngr: ocp.CheckpointManager) -> int | None:
@@ -49,10 +66,20 @@ def best_step(mngr: ocp.CheckpointManager) -> int | None:
 def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any],
          data_iterator: grain.DatasetIterator, config: ml_collections.ConfigDict,
          metrics: dict[str, float]) -> None:
+    """Saves `step` in the background, once the previous save and its deletions are done."""
+    mngr.wait_until_finished()  # Orbax would wait here too; the purge then races nothing
+    _purge_deleted(mngr)
     mngr.save(step, metrics=metrics, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(json.loads(config.to_json()))))
+
+
+def close(mngr: ocp.CheckpointManager) -> None:
+    """Waits for the last save, removes the steps it dropped and closes the manager."""
+    mngr.wait_until_finished()
+    _purge_deleted(mngr)
+    mngr.close()
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any],
@@ -77,9 +104,26 @@ def saved_config(mngr: ocp.CheckpointManager, step: int) -> ml_collections.Confi
     return ml_collections.ConfigDict(restored["config"])
 
 
+def state_shapes(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, dict[str, Any]]:
+    """The model graph and the shapes of the {params, opt_state} its checkpoints hold.
+
+    By `config.model.family`: the single model (default), or 'two_stage', whose checkpoints
+    (stage 2's) hold the whole two-stage model and the optimizer state of its classifier.
+    """
+    if config.model.get("family", "single") == "two_stage":
+        graphdef, params = nnx.split(
+            nnx.eval_shape(lambda: two_stage.create_model(config, config.seed)))
+        tx, trained = optim.make_optimizer(config.stage2.optim), params["classifier"]
+    else:
+        graphdef, params = nnx.split(
+            nnx.eval_shape(lambda: spine_net.create_model(config, config.seed)))
+        tx, trained = optim.make_optimizer(config.optim), params
+    return graphdef, {"params": params, "opt_state": jax.eval_shape(tx.init, trained)}
+
+
 def load_model(
     workdir: str, step: int | None = None
-) -> tuple[spine_net.SpineNet, ml_collections.ConfigDict, int]:
+) -> tuple[spine_net.SpineNet | two_stage.TwoStageModel, ml_collections.ConfigDict, int]:
     """The model of a run's best (or given) step, with the config it was trained with.
 
     Works in a fresh process: shapes come from the saved config, values from Orbax.
@@ -90,12 +134,8 @@ def load_model(
         if step is None:
             raise FileNotFoundError(f"{workdir}: no checkpoint to restore")
         config = saved_config(mngr, step)
-        # Shapes only: Orbax fills in the values.
-        graphdef, params = nnx.split(
-            nnx.eval_shape(lambda: spine_net.create_model(config, config.seed)))
-        tx = optim.make_optimizer(config.optim)
-        opt_shape = jax.eval_shape(tx.init, params)
-        state = restore(mngr, step, {"params": params, "opt_state": opt_shape})
+        graphdef, shapes = state_shapes(config)  # Orbax fills in the values
+        state = restore(mngr, step, shapes)
     finally:
         mngr.close()
     return nnx.merge(graphdef, state["params"]), config, step

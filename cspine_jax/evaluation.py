@@ -2,7 +2,9 @@
 
 A study is scored from EVERY prepared slice, whatever their number: slices are encoded in
 fixed-size chunks (one compiled program per chunk shape) and pooled once over a z length
-rounded up to a bucket (a handful of compiled programs for all study lengths).
+rounded up to a bucket (a handful of compiled programs for all study lengths). The two-stage
+baseline (`models.two_stage`) is scored alike: its segmenter reads every slice in chunks, then
+its classifier reads the vertebra stacks that gives (`TwoStagePredictor`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from flax import nnx
 from tensorboardX import SummaryWriter
 
 from cspine_jax import checkpoints, metrics, report
-from cspine_jax.data import cache, pipeline, rsna, sources
+from cspine_jax.data import cache, pipeline, rsna, sources, vertebrae
+from cspine_jax.models import two_stage
 from cspine_jax.models.spine_net import SpineNet
 
 _Z_BUCKET = 64
@@ -33,15 +36,28 @@ class StudyPrediction:
 
     Attributes:
       probs: (8,) float32 probabilities `[patient_overall, C1..C7]`.
-      slice_logits: (z', 7) per-slice fracture logits of C1..C7.
-      presence: (z', 7) per-slice vertebra presence.
+      slice_logits: (z', 7) per-slice fracture logits of C1..C7; None for the two-stage
+        baseline, which scores vertebra stacks, not slices.
+      presence: (z', 7) per-slice vertebra presence (two-stage baseline: the share of the
+        slice labelled as each vertebra).
       segmentation: (z', h, w) uint8 predicted labels (0 bg, 1-7 C1-C7) at the seg stride.
     """
 
     probs: np.ndarray
-    slice_logits: np.ndarray
+    slice_logits: np.ndarray | None
     presence: np.ndarray
     segmentation: np.ndarray
+
+
+def _encode_chunks(encode, state, image: np.ndarray, chunk: int,
+                   context: int) -> list[np.ndarray]:
+    """Every slice of a prepared study through the jitted `encode(state, (chunk, G, G, C))`,
+    `chunk` slices at a time; its outputs concatenated along z (padding rows dropped)."""
+    parts = []
+    for start in range(0, image.shape[0], chunk):
+        padded, centres = pipeline.chunk_inputs(image, start, chunk, context)
+        parts.append([x[: len(centres)] for x in jax.device_get(encode(state, padded))])
+    return [np.concatenate(x) for x in zip(*parts, strict=True)]
 
 
 class StudyPredictor:
@@ -64,14 +80,8 @@ class StudyPredictor:
     def __call__(self, image: np.ndarray) -> StudyPrediction:
         """image: (z', G, G, n_windows) uint8 prepared study -> its prediction."""
         z = image.shape[0]
-        segs, logits, presences = [], [], []
-        for start in range(0, z, self.chunk):
-            padded, centres = pipeline.chunk_inputs(image, start, self.chunk, self.context)
-            seg, slice_logits, presence = jax.device_get(self._encode(self.state, padded))
-            segs.append(seg[: len(centres)])
-            logits.append(slice_logits[: len(centres)])
-            presences.append(presence[: len(centres)])
-        logits_z, presence_z = np.concatenate(logits), np.concatenate(presences)
+        segmentation, logits_z, presence_z = _encode_chunks(self._encode, self.state, image,
+                                                            self.chunk, self.context)
         length = -(-z // _Z_BUCKET) * _Z_BUCKET
         pad = ((0, length - z), (0, 0))
         valid = (np.arange(length) < z).astype(np.float32)
@@ -81,8 +91,54 @@ class StudyPredictor:
             probs=np.asarray(probs[0], np.float32),
             slice_logits=logits_z,
             presence=presence_z,
-            segmentation=np.concatenate(segs),
+            segmentation=segmentation,
         )
+
+
+class TwoStagePredictor:
+    """Compiled whole-study inference of the two-stage baseline (process-local).
+
+    Stage 1 reads every slice in chunks, as `StudyPredictor`; the vertebra stacks it gives
+    are built exactly as stage 2 was trained on them, without jitter or augmentation.
+    """
+
+    def __init__(self, model: two_stage.TwoStageModel, config, chunk: int = 32):
+        graphdef, state = nnx.split(model)
+        self.state = jax.device_get(state)
+        self.context, self.chunk = config.data.context, chunk
+        self.stacks_config = dict(config.model.stacks)
+
+        def locate(state, images):
+            return (nnx.merge(graphdef, state).locate(images),)
+
+        def classify(state, stacks, found):
+            logits = nnx.merge(graphdef, state).classifier(stacks[None], found[None])
+            return jax.nn.sigmoid(logits[0])
+
+        self._locate, self._classify = jax.jit(locate), jax.jit(classify)
+
+    def locate(self, image: np.ndarray) -> tuple[vertebrae.Located, np.ndarray]:
+        """Stage 1 on a prepared study: its `Located` and segmentation (z', h, w) uint8."""
+        (segmentation,) = _encode_chunks(self._locate, self.state, image, self.chunk,
+                                         self.context)
+        return vertebrae.locate(segmentation, self.stacks_config["min_area"]), segmentation
+
+    def __call__(self, image: np.ndarray) -> StudyPrediction:
+        """image: (z', G, G, n_windows) uint8 prepared study -> its prediction."""
+        located, segmentation = self.locate(image)
+        stacks, found, _ = vertebrae.study_stacks(image, located, self.stacks_config,
+                                                  self.context)
+        probs = self._classify(self.state, stacks, found)
+        return StudyPrediction(probs=np.asarray(probs, np.float32), slice_logits=None,
+                               presence=located.area, segmentation=segmentation)
+
+
+def make_predictor(model: SpineNet | two_stage.TwoStageModel,
+                   config) -> StudyPredictor | TwoStagePredictor:
+    """The whole-study predictor of a model of either family."""
+    if isinstance(model, two_stage.TwoStageModel):
+        return TwoStagePredictor(model, config)
+    return StudyPredictor(model, config.data.context)
 
 
 def _mask_at(mask: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -106,8 +162,8 @@ class Predictions:
     confusion: np.ndarray
 
 
-def predict_entries(predictor: StudyPredictor, entries: Sequence[cache.Entry],
-                    progress: bool = True) -> Predictions:
+def predict_entries(predictor: StudyPredictor | TwoStagePredictor,
+                    entries: Sequence[cache.Entry], progress: bool = True) -> Predictions:
     """Whole-study predictions of every entry."""
     probs, confusion = [], np.zeros((8, 8), np.int64)
     for entry in tqdm.tqdm(entries, desc="evaluate", unit="study", disable=not progress):
@@ -119,8 +175,8 @@ def predict_entries(predictor: StudyPredictor, entries: Sequence[cache.Entry],
     return Predictions(np.stack(probs), confusion)
 
 
-def evaluate_entries(predictor: StudyPredictor, entries: Sequence[cache.Entry],
-                     threshold: float | None = None,
+def evaluate_entries(predictor: StudyPredictor | TwoStagePredictor,
+                     entries: Sequence[cache.Entry], threshold: float | None = None,
                      progress: bool = True) -> tuple[dict[str, float], Predictions]:
     """Every held-out metric of `entries` (all labelled) and the predictions behind them.
 
@@ -174,7 +230,7 @@ def evaluate_run(workdir: str, data_dir: str | None = None, out_dir: str | None 
     (default `workdir/eval`, or `workdir/eval-<folder name>` with `data_dir`).
     """
     model, config, step = checkpoints.load_model(workdir, step)
-    predictor = StudyPredictor(model, config.data.context)
+    predictor = make_predictor(model, config)
     threshold = None
     if data_dir is None:
         _, entries = sources.split_entries(

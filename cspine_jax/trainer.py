@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter  # TensorFlow-free event files
 
-from cspine_jax import checkpoints, evaluation, metrics, optim, report, visualize
+from cspine_jax import augment, checkpoints, evaluation, metrics, optim, report, visualize
 from cspine_jax.data import cache, pipeline, sources
 from cspine_jax.models import spine_net
 
@@ -34,26 +34,32 @@ Batch = dict[str, np.ndarray]
 
 
 # ---------------------------------------------------------------------------- step
-def make_grad_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict) -> Callable:
-    """(params, batch) -> ((loss, loss terms), gradients) of the model's own loss."""
+def make_grad_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
+                 loss_fn: Callable | None = None) -> Callable:
+    """(params, batch) -> ((loss, loss terms), gradients) of `loss_fn(model, batch)`, by
+    default SpineNet's own loss with the weights `config.loss`."""
 
-    def loss_fn(params, batch):
-        outputs = nnx.merge(graphdef, params)(batch["image"], batch["valid"])
-        return spine_net.compute_loss(outputs, batch, config.loss)
+    def spine_net_loss(model, batch):
+        batch = augment.apply_warp(batch, spine_net.input_channels(config) - 1)
+        return spine_net.compute_loss(model(batch["image"], batch["valid"]), batch, config.loss)
 
-    return jax.value_and_grad(loss_fn, has_aux=True)
+    loss_fn = loss_fn or spine_net_loss
+    return jax.value_and_grad(lambda params, batch: loss_fn(nnx.merge(graphdef, params), batch),
+                              has_aux=True)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict) -> Callable:
-    """(params, opt_state, batch) -> (params, opt_state, metrics), pure.
+                    config: ml_collections.ConfigDict,
+                    loss_fn: Callable | None = None) -> Callable:
+    """(params, opt_state, batch) -> (params, opt_state, metrics), pure; the loss as in
+    `make_grad_fn`.
 
     With `optim.grad_accum` = k the global batch is split into k micro-batches whose
-    gradients are averaged. A step whose loss or gradients are not finite leaves
-    parameters and optimizer state untouched and reports `skipped` = 1.
+    gradients are averaged. A step whose loss, gradients or updated parameters are not
+    finite leaves parameters and optimizer state untouched and reports `skipped` = 1.
     """
     accum = int(config.optim.grad_accum)
-    grad_fn = make_grad_fn(graphdef, config)
+    grad_fn = make_grad_fn(graphdef, config, loss_fn)
 
     def step(params, opt_state, batch):
         if accum == 1:
@@ -70,10 +76,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             zeros = (zeros[0][0], zeros[0][1], zeros[1])
             (loss, terms, grads), _ = jax.lax.scan(body, zeros, micro)
             loss, terms, grads = jax.tree.map(lambda x: x / accum, (loss, terms, grads))
-        finite = jnp.isfinite(loss) & jnp.all(jnp.array(
-            [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        # Finite gradients can still give non-finite parameters (a learning rate of inf or
+        # NaN, an overflowing update): those must not reach the state, nor a checkpoint.
+        finite = jnp.isfinite(loss) & jnp.all(jnp.array(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((grads, new_params))]))
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         params = jax.tree.map(keep, new_params, params)
         opt_state = jax.tree.map(keep, new_opt_state, opt_state)
@@ -204,12 +212,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   "val_auc_patient_overall": metrics.auc(held_out_labels[:, 0], probs[:, 0])}
         return result, picture
 
-    # Loop.
+    # Loop. `train_seconds`, the wall time spent training (evaluations and saves excluded),
+    # goes into every checkpoint's metrics and carries over a resume.
+    train_seconds = (mngr.metrics(step) or {}).get("train_seconds", 0.0) if step else 0.0
     total = config.optim.steps
     schedule = jax.jit(optim.lr_schedule(config.optim))  # one program, not one per op
     bar = tqdm.tqdm(total=total, initial=step, unit="step", desc="train",
                     disable=not (chief and progress), dynamic_ncols=True)
     pending, tick = [], time.perf_counter()
+    clock = tick
     while step < total:
         state["params"], state["opt_state"], step_metrics = train_step(
             state["params"], state["opt_state"], to_global(next(train_iter), data_sharding))
@@ -219,8 +230,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if step % config.log.every == 0 or step == total:
             fetched = jax.device_get(pending)
             if all(m["skipped"] for m in fetched):
+                bar.close()  # before the message, which must be the last line a user sees
                 raise FloatingPointError(
-                    f"loss or gradients not finite in steps {step - len(fetched) + 1}-{step}; "
+                    f"loss, gradients or parameters not finite in steps "
+                    f"{step - len(fetched) + 1}-{step}; "
                     f"stopping with the last good parameters in {workdir}/checkpoints. "
                     "Lower optim.lr or check the data.")
             mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
@@ -232,7 +245,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     writer.add_scalar(f"train/{k}", v, step)
             bar.set_postfix(loss=f"{mean['loss']:.4f}", ex_s=f"{mean['examples_per_s']:.1f}")
         if step % config.checkpoint.every == 0 or step == total:
+            jax.block_until_ready(state)  # stop the clock when the steps' work is done
+            train_seconds += time.perf_counter() - clock
             result, picture = run_eval(state["params"])
+            result["train_seconds"] = train_seconds
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
             if writer is not None:
                 for k, v in result.items():
@@ -242,14 +258,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     writer.add_image("val/vertebrae_true_vs_pred", picture, step,
                                      dataformats="HWC")
             checkpoints.save(mngr, step, state, train_iter, config, result)
-            tick = time.perf_counter()  # evaluation time is not training throughput
+            clock = tick = time.perf_counter()  # evaluation time is not training time
     bar.close()
     mngr.wait_until_finished()
 
     # Final: the best checkpoint on every slice of every held-out study.
     best = checkpoints.best_step(mngr)
     best_params = checkpoints.restore(mngr, best, state)["params"]
-    mngr.close()
+    checkpoints.close(mngr)
     results = {}
     if chief:
         predictor = evaluation.StudyPredictor(nnx.merge(graphdef, best_params),

@@ -6,16 +6,62 @@ left unbalanced earlier in the session ("AST constructor recursion depth mismatc
 
 JAX reads the CPU device count when its backend initialises, so it is fixed here, before
 any test imports jax: 8 simulated CPU devices let the sharding tests run on one machine.
+
+The end-to-end tests run `python train.py --config=configs/tiny.py` in subprocesses, as a user
+would, over one tiny phantom set and cache made once per session (`data_env`).
 """
 
 import os
+import subprocess
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/cspine_jax/jax"))
 
 import hypothesis  # noqa: E402, F401
 import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# The kill -9 soak's helpers start and read tiny runs for every end-to-end test.
+from benchmarks.interruption_soak import ROOT, latest_params, train_cmd  # noqa: E402, F401
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def data_env(tmp_path_factory):
+    """(subprocess environment, prepared cache) of the tiny phantoms, in a private cache root.
+
+    Subprocesses find the phantoms and the cache through the environment's CSPINE_CACHE.
+    """
+    from configs import tiny
+    from cspine_jax.data import sources
+
+    root = str(tmp_path_factory.mktemp("cspine_cache"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CSPINE_CACHE", root)
+        cache_dir = sources.prepared_cache(tiny.get_config().data, progress=False)
+    env = {**os.environ, "CSPINE_CACHE": root, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    env.pop("XLA_FLAGS", None)
+    return env, cache_dir
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(data_env):
+    """The RSNA-layout folder of the tiny phantoms behind `data_env`'s cache."""
+    from configs import tiny
+    from cspine_jax.data import sources
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CSPINE_CACHE", data_env[0]["CSPINE_CACHE"])
+        return sources.phantom_dir(tiny.get_config().data.phantom)
+
+
+def run_train(env, workdir, *overrides, devices=1, timeout=600):
+    """Runs `train_cmd` to completion on `devices` CPU devices; fails the test on an error."""
+    result = subprocess.run(train_cmd(workdir, *overrides), cwd=ROOT, capture_output=True,
+                            text=True, timeout=timeout,
+                            env={**env, "JAX_NUM_CPU_DEVICES": str(devices)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

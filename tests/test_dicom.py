@@ -19,7 +19,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from cspine_jax.data.dicom import DicomError, Series, load_series, write_series
+from cspine_jax.data.dicom import DicomError, Series, load_series, read_series, write_series
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # normal +z: superior
 
@@ -113,6 +113,40 @@ def test_unsigned_storage_clips_to_12_bits(tmp_path):
     loaded = load_series(tmp_path)
     np.testing.assert_array_equal(loaded.hu, np.clip(hu, -1024, 3071))
     assert_matches_files(loaded, tmp_path)
+
+
+@pytest.mark.parametrize("unsigned", [False, True], ids=["int16", "uint16"])
+def test_unused_high_bits_are_dropped_as_pydicom_does(tmp_path, unsigned):
+    series = make_series()
+    write_series(tmp_path, series, unsigned=unsigned)
+    ds = pydicom.dcmread(tmp_path / "2.dcm")
+    ds.BitsStored, ds.HighBit = 12, 11
+    # Junk in the 4 unused bits (an old overlay, say) of every other pixel.
+    raw = ds.pixel_array.view(np.uint16).copy()
+    raw.reshape(-1)[::2] |= 0xA000
+    ds.PixelData = raw.tobytes()
+    ds.save_as(tmp_path / "2.dcm")
+
+    loaded = load_series(tmp_path)
+    np.testing.assert_allclose(loaded.hu, series.hu, atol=0.5)
+    assert_matches_files(loaded, tmp_path)
+
+
+def test_read_series_hands_slices_over_in_file_order(tmp_path):
+    series = make_series("shuffled")
+    write_series(tmp_path, series)
+    seen = []
+
+    def per_slice(stored):
+        seen.append(stored.path.name)
+        return stored.path.name, stored.pixels.copy()
+
+    header, results = read_series(tmp_path, per_slice)
+    assert seen == sorted(seen) and len(seen) == len(series.slice_numbers)
+    assert [name for name, _ in results] == [f"{n}.dcm" for n in series.slice_numbers]
+    assert header.shape == series.shape and header.uid == series.uid
+    np.testing.assert_allclose(header.affine, series.affine, atol=1e-6)
+    np.testing.assert_array_equal([pixels for _, pixels in results], series.hu + 1024)
 
 
 def test_missing_rescale_tags_default_to_slope_1_intercept_0(tmp_path):

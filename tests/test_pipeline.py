@@ -11,7 +11,8 @@ DATA = {
     "num_slices": SLICES,
     "context": CONTEXT,
     "positive_oversample": 1.0,
-    "augment": {"flip": True, "rotate_deg": 10.0, "scale": 0.1, "intensity": 0.05, "noise": 0.02},
+    "augment": {"flip": True, "rotate_deg": 10.0, "scale": 0.1, "shift": 0.05, "intensity": 0.05,
+                "noise": 0.02},
 }
 
 
@@ -59,9 +60,13 @@ def test_batch_shapes_and_dtypes(entries):
         "has_boxes": ((4,), np.float32),
         "labels": ((4, 8), np.float32),
         "valid": ((4, SLICES), np.float32),
+        "warp": ((4, 4), np.float32),
         "study_index": ((4,), np.int32),
     }
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
+    angle, scale, shift = batch["warp"][:, 0], batch["warp"][:, 1], batch["warp"][:, 2:]
+    assert (np.abs(angle) <= np.deg2rad(10.0)).all() and (np.abs(scale - 1) <= 0.1).all()
+    assert (np.abs(shift) <= 0.05 * GRID).all() and len(np.unique(angle)) == 4  # one per study
     assert batch["mask"].max() <= 7  # thoracic labels are background for the seg head
     assert np.isfinite(batch["image"]).all()
 

@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pydicom
 import pytest
 
-from cspine_jax.data import cache, dicom, nifti, prepare, preprocess, rsna
+from cspine_jax.data import cache, dicom, nifti, phantom, prepare, preprocess, rsna
 
 PARAMS = {"grid": 16, "spacing_z": 2.0, "crop": 1.0,
           "windows": [[400.0, 1800.0], [40.0, 400.0]]}
@@ -49,6 +50,52 @@ def test_crop_keeps_the_centre_on_every_map():
     assert (prepared.image[0, 0, :4, 0] > 200).all() and (prepared.image[0, 0, 6:, 0] == 0).all()
     assert np.flatnonzero(prepared.fracture[1, 0]).tolist() == [0, 1, 2, 3, 4]
     assert not prepared.fracture[[0, 2, 3, 4]].any()
+
+
+@pytest.mark.parametrize("grid, crop, spacing_z, unsigned",
+                         [(24, 0.8, 3.0, False), (40, 1.0, 7.0, True), (96, 0.9, 4.4, False)],
+                         ids=["down", "down-z-antialiased", "up"])
+def test_streaming_prepare_matches_the_full_volume_path(tmp_path, grid, crop, spacing_z,
+                                                        unsigned):
+    """read_resampled + on_grid (slices resized as decoded, rescaled after) against the
+    straightforward path: the whole HU volume, then dense resampling matrices."""
+    study = next(s for s in (phantom.generate_study(i, 0, "tiny", with_mask=True,
+                                                    with_boxes=True) for i in range(50))
+                 if s.boxes)
+    dicom.write_series(tmp_path, study.series, unsigned=unsigned)
+    # One slice with its own rescale: the stream must rescale slice by slice.
+    odd = pydicom.dcmread(tmp_path / "7.dcm")
+    odd.RescaleSlope, odd.RescaleIntercept = 0.5, -700
+    odd.save_as(tmp_path / "7.dcm")
+    boxes = np.array([[b["slice_number"], b["x"], b["y"], b["width"], b["height"]]
+                      for b in study.boxes], np.float64)
+    assert len(boxes)
+    params = {"grid": grid, "spacing_z": spacing_z, "crop": crop,
+              "windows": [[400.0, 1800.0], [40.0, 400.0]]}
+
+    header, hu = preprocess.read_resampled(tmp_path, grid, spacing_z, crop)
+    fast = preprocess.on_grid(header, hu, **params, mask=study.labels_zyx, boxes=boxes)
+
+    series = dicom.load_series(tmp_path)
+    z, h, w = series.shape
+    dz = series.spacing[0]
+    rz = preprocess.interpolation_matrix(z, preprocess.slice_positions(z, dz, spacing_z),
+                                         spacing_z / dz)
+    ry, rx = preprocess.resize_matrix(h, grid, crop), preprocess.resize_matrix(w, grid, crop)
+    dense = np.tensordot(rz, ry @ series.hu.astype(np.float64) @ rx.T, axes=1)
+    np.testing.assert_allclose(hu, dense, atol=0.02)
+    image = preprocess.window(dense, params["windows"])
+    assert fast.image.shape == image.shape
+    assert np.abs(fast.image.astype(int) - image).max() <= 1  # rounding at a .5 only
+    assert (fast.image == image).mean() > 0.999
+
+    full = preprocess.prepare_series(series, **params, mask=study.labels_zyx, boxes=boxes)
+    assert np.abs(fast.image.astype(int) - full.image).max() <= 1
+    np.testing.assert_array_equal(fast.mask, full.mask)
+    np.testing.assert_array_equal(fast.fracture, full.fracture)
+    assert fast.fracture.any() and fast.spacing == full.spacing
+    assert header.uid == series.uid and header.shape == series.shape
+    np.testing.assert_array_equal(header.slice_numbers, series.slice_numbers)
 
 
 def test_window_maps_to_uint8():

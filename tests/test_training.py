@@ -1,20 +1,19 @@
-"""Training: data-parallel equivalence, multi-process training, exact resume, fresh restore.
+"""Training: data-parallel equivalence, multi-process training, fresh restore (kill -9 and
+exact resume: test_interruption.py).
 
 The end-to-end runs use `python train.py --config=configs/tiny.py` in subprocesses, as a
-user would, over one phantom set and cache shared by the whole session.
+user would, over one phantom set and cache shared by the whole session (conftest).
 """
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import portpicker
-import pytest
+from conftest import ROOT, latest_params, run_train, train_cmd
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -23,43 +22,6 @@ from configs import tiny
 from cspine_jax import checkpoints, optim, trainer
 from cspine_jax.data import cache, pipeline, sources
 from cspine_jax.models import spine_net
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def data_env(tmp_path_factory):
-    """A cache root holding the tiny phantoms, prepared; subprocesses inherit it."""
-    root = str(tmp_path_factory.mktemp("cspine_cache"))
-    os.environ["CSPINE_CACHE"] = root
-    cache_dir = sources.prepared_cache(tiny.get_config().data, progress=False)
-    env = {**os.environ, "CSPINE_CACHE": root, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    env.pop("XLA_FLAGS", None)
-    yield env, cache_dir
-    del os.environ["CSPINE_CACHE"]
-
-
-def _train_cmd(workdir, *overrides):
-    return [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/tiny.py",
-            f"--workdir={workdir}", *overrides]
-
-
-def _train(env, workdir, *overrides, devices=1, timeout=600):
-    result = subprocess.run(_train_cmd(workdir, *overrides), cwd=ROOT, capture_output=True,
-                            text=True, timeout=timeout,
-                            env={**env, "JAX_NUM_CPU_DEVICES": str(devices)})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def _latest_params(workdir):
-    """The latest checkpoint's step and parameters as a flat {path: array} dict."""
-    mngr = checkpoints.manager(str(workdir), read_only=True)
-    step = mngr.latest_step()
-    mngr.close()
-    model, _, _ = checkpoints.load_model(str(workdir), step)
-    flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
-    return step, {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
 
 
 def test_sharded_step_equals_single_device_step(data_env):
@@ -120,53 +82,30 @@ def test_sharded_step_equals_single_device_step(data_env):
     assert changed > 0.9 * len(names)  # the step really updated the model
 
 
-def test_kill_resume_is_bitwise_identical(data_env, tmp_path):
-    env, _ = data_env
-    overrides = ("--config.optim.steps=12", "--config.checkpoint.every=2")
-    _train(env, tmp_path / "straight", *overrides)
-    resumed = tmp_path / "resumed"
-    proc = subprocess.Popen(_train_cmd(resumed, *overrides), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not (resumed / "checkpoints" / "4").exists() and time.time() < deadline:
-        if proc.poll() is not None:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
-    result = _train(env, resumed, *overrides)
-    assert "resumed from step" in result.stdout
-    step_a, straight = _latest_params(tmp_path / "straight")
-    step_b, again = _latest_params(resumed)
-    assert step_a == step_b == 12
-    for name in straight:
-        np.testing.assert_array_equal(again[name], straight[name], err_msg=name)
-
-
 def test_two_processes_train_like_one(data_env, tmp_path):
     env, _ = data_env
     overrides = ("--config.optim.steps=4", "--config.checkpoint.every=4")
-    _train(env, tmp_path / "one", *overrides, devices=4)
+    run_train(env, tmp_path / "one", *overrides, devices=4)
     port = portpicker.pick_unused_port()
     procs = [subprocess.Popen(
-        _train_cmd(tmp_path / "two", *overrides, "--config.distributed.num_processes=2",
-                   f"--config.distributed.process_id={i}",
-                   f"--config.distributed.coordinator=127.0.0.1:{port}"),
+        train_cmd(tmp_path / "two", *overrides, "--config.distributed.num_processes=2",
+                  f"--config.distributed.process_id={i}",
+                  f"--config.distributed.coordinator=127.0.0.1:{port}"),
         cwd=ROOT, env={**env, "JAX_NUM_CPU_DEVICES": "2"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert "4 devices in 2 process(es)" in outputs[0]
-    _, one = _latest_params(tmp_path / "one")
-    _, two = _latest_params(tmp_path / "two")
+    _, one = latest_params(tmp_path / "one")
+    _, two = latest_params(tmp_path / "two")
     for name in one:
         np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_checkpoint_restores_in_a_fresh_process(data_env, tmp_path):
     env, _ = data_env
-    result = _train(env, tmp_path / "run", "--config.optim.steps=4",
-                    "--config.checkpoint.every=2")
+    result = run_train(env, tmp_path / "run", "--config.optim.steps=4",
+                       "--config.checkpoint.every=2")
     assert "held-out results" in result.stdout
     probe = (
         "import json, sys; from cspine_jax import checkpoints;"
@@ -188,7 +127,7 @@ def test_checkpoint_restores_in_a_fresh_process(data_env, tmp_path):
 def test_evaluate_reproduces_the_metrics_training_printed(data_env, tmp_path):
     env, _ = data_env
     run = tmp_path / "run"
-    printed = _train(env, run, "--config.optim.steps=4", "--config.checkpoint.every=2").stdout
+    printed = run_train(env, run, "--config.optim.steps=4", "--config.checkpoint.every=2").stdout
     result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"),
                              f"--workdir={run}"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)

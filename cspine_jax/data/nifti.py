@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from cspine_jax.data.dicom import Series
+from cspine_jax.data.dicom import Series, SeriesHeader
 
 # NIfTI world coordinates are RAS, DICOM's are LPS: the first two axes change sign.
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -78,8 +78,9 @@ def _check_labels(path, values: np.ndarray) -> None:
         raise MaskError(path, f"label values {values.min()}..{values.max()} outside 0..255")
 
 
-def load_mask(path: str | os.PathLike, series: Series) -> np.ndarray:
-    """Read a label mask (`.nii` / `.nii.gz`) as (z, y, x) uint8 aligned with series.hu.
+def load_mask(path: str | os.PathLike, series: Series | SeriesHeader) -> np.ndarray:
+    """Read a label mask (`.nii` / `.nii.gz`) as (z, y, x) uint8 aligned with the series'
+    voxels (its shape, affine and uid are all it reads).
 
     The NIfTI affine (RAS) is turned to LPS; each NIfTI axis is matched to the series axis
     it is parallel to (largest |cosine|), which gives the transpose and the flips. The

@@ -62,6 +62,9 @@ _ADJACENT_BONUS = 1.0
 # break's footprint crosses, the median HU drop is 22 % of the cortex-to-gap difference at
 # real width, 32 % at x1.5 and 43 % at x2. Full size keeps the real width.
 GAP_WIDENING = {"tiny": 2.0, "demo": 2.0, "full": 1.0}
+# Bumped whenever the same (seed, index, size) starts to give a different study: phantom
+# sets cached by `sources.phantom_dir` are keyed by it, so an old set is never reused.
+GENERATOR_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)

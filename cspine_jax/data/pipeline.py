@@ -17,6 +17,8 @@ Example (leading batch dim B after batching):
   has_boxes:      float32 ()
   labels:         float32 (8,) [patient_overall, C1..C7] (zeros for unlabelled studies)
   valid:          float32 (S,) 1 for real slices
+  warp:           float32 (4,) in-plane warp the train step applies (`augment.apply_warp`):
+                  rotation (rad), scale, shift y, x (pixels); `NO_WARP` outside training
   study_index:    int32   () the study's index in the entry list given to the dataset
 """
 
@@ -28,11 +30,12 @@ from typing import Any
 import grain
 import numpy as np
 from absl import flags
-from scipy import ndimage
 
 from cspine_jax.data import cache
 
 NUM_VERTEBRAE = 7
+# The `warp` of an example that is not warped: angle, scale, shift y, shift x.
+NO_WARP = np.array([0.0, 1.0, 0.0, 0.0], np.float32)
 
 
 def sample_centres(num_slices: int, count: int, rng: np.random.Generator | None,
@@ -97,33 +100,25 @@ def chunk_inputs(image: np.ndarray, start: int, chunk: int,
 
 
 def _augment(image: np.ndarray, labels: tuple[np.ndarray, ...], rng: np.random.Generator,
-             aug: Mapping[str, Any]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-    """One random in-plane flip/rotation/scale and intensity change for the whole study.
+             aug: Mapping[str, Any]) -> tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray]:
+    """One random flip and intensity change for the whole study, and its in-plane warp.
 
-    image (S, G, G, C) float32; labels: (S, G, G) integer maps warped alike (nearest).
+    image (S, G, G, C) float32; labels: (S, G, G) integer maps flipped alike. The warp
+    (rotation, scale, shift; `augment.apply_warp`) is only drawn here: the train step applies
+    it on the device, where it is cheap. Returns (image, labels, warp (4,) float32).
     """
     if aug["flip"] and rng.random() < 0.5:
         image, labels = image[:, :, ::-1], tuple(x[:, :, ::-1] for x in labels)
-    angle = np.deg2rad(rng.uniform(-aug["rotate_deg"], aug["rotate_deg"]))
-    scale = 1.0 + rng.uniform(-aug["scale"], aug["scale"])
-    if angle or scale != 1.0:
-        size = image.shape[1]
-        centre = (size - 1) / 2.0
-        yy, xx = np.meshgrid(np.arange(size) - centre, np.arange(size) - centre, indexing="ij")
-        cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
-        coords = np.stack([cos * yy - sin * xx + centre, sin * yy + cos * xx + centre])
-        image = np.stack([
-            np.stack([ndimage.map_coordinates(image[s, ..., c], coords, order=1, mode="nearest")
-                      for c in range(image.shape[-1])], axis=-1)
-            for s in range(image.shape[0])])
-        labels = tuple(np.stack([ndimage.map_coordinates(m, coords, order=0, mode="constant")
-                                 for m in x]) for x in labels)
+    shift = aug.get("shift", 0.0) * image.shape[1]
+    warp = np.array([np.deg2rad(rng.uniform(-aug["rotate_deg"], aug["rotate_deg"])),
+                     1.0 + rng.uniform(-aug["scale"], aug["scale"]),
+                     rng.uniform(-shift, shift), rng.uniform(-shift, shift)], np.float32)
     gain = 1.0 + rng.uniform(-aug["intensity"], aug["intensity"])
     bias = rng.uniform(-aug["intensity"], aug["intensity"])
     image = image * np.float32(gain) + np.float32(bias)
     if aug["noise"]:
         image += np.float32(aug["noise"]) * rng.standard_normal(image.shape, np.float32)
-    return image, tuple(np.ascontiguousarray(x) for x in labels)
+    return image, tuple(np.ascontiguousarray(x) for x in labels), warp
 
 
 class SampleStudy(grain.transforms.RandomMap):
@@ -152,8 +147,10 @@ class SampleStudy(grain.transforms.RandomMap):
             mask = np.asarray(volume_mask[centres])
             mask = np.where(mask <= NUM_VERTEBRAE, mask, 0).astype(np.uint8)
         fracture = np.asarray(entry.fracture()[centres])
+        warp = NO_WARP
         if self.augment is not None:
-            stacks, (mask, fracture) = _augment(stacks, (mask, fracture), rng, self.augment)
+            stacks, (mask, fracture), warp = _augment(stacks, (mask, fracture), rng,
+                                                      self.augment)
         stacks = add_position(stacks, centres, image.shape[0])
         labels = np.zeros(8, np.float32) if entry.labels is None else entry.labels
         return {
@@ -165,6 +162,7 @@ class SampleStudy(grain.transforms.RandomMap):
             "has_boxes": np.float32(entry.has_boxes),
             "labels": labels.astype(np.float32),
             "valid": np.ones(self.num_slices, np.float32),
+            "warp": warp,
             "study_index": np.int32(index),
         }
 
@@ -187,28 +185,31 @@ def oversampled(entries: Sequence[cache.Entry], factor: float, seed: int) -> lis
 
 
 def train_dataset(entries: Sequence[cache.Entry], data_config: Mapping[str, Any], *, seed: int,
-                  global_batch: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.MapDataset:
+                  global_batch: int, process_index: int = 0, process_count: int = 1,
+                  sample: grain.transforms.RandomMap | None = None) -> grain.MapDataset:
     """Infinite, shuffled, augmented batches of this process's share of each global batch.
 
     Process p takes elements p, p + P, p + 2P, ... of the global stream, so the union over
     processes of step t's batches is exactly the global batch t of a single process.
+    `sample` turns an (index, entry) into an example; default `SampleStudy` in training mode.
     """
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} not divisible by {process_count} processes")
     indexed = _with_index(entries)
     order = oversampled(entries, float(data_config["positive_oversample"]), seed)
     ds = grain.MapDataset.source([indexed[i] for i in order]).shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(SampleStudy(data_config, train=True), seed=seed)
+    ds = ds.random_map(sample or SampleStudy(data_config, train=True), seed=seed)
     ds = ds[process_index::process_count]
     return ds.batch(global_batch // process_count, drop_remainder=True)
 
 
 def eval_dataset(entries: Sequence[cache.Entry], data_config: Mapping[str, Any],
-                 batch_size: int) -> grain.MapDataset:
-    """One deterministic pass over `entries` (evenly spaced slices, no augmentation)."""
+                 batch_size: int,
+                 sample: grain.transforms.RandomMap | None = None) -> grain.MapDataset:
+    """One deterministic pass over `entries` (evenly spaced slices, no augmentation);
+    `sample` as in `train_dataset`, default `SampleStudy` in evaluation mode."""
     ds = grain.MapDataset.source(_with_index(entries))
-    ds = ds.random_map(SampleStudy(data_config, train=False), seed=0)
+    ds = ds.random_map(sample or SampleStudy(data_config, train=False), seed=0)
     return ds.batch(batch_size, drop_remainder=False)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import threadpoolctl
 import tqdm
 
-from cspine_jax.data import cache, dicom, nifti, preprocess, rsna
+from cspine_jax.data import cache, nifti, preprocess, rsna
 
 
 def preprocessing_params(data_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,11 +37,15 @@ def preprocessing_params(data_config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def prepare_study(study: rsna.Study, cache_dir: str, params: Mapping[str, Any]) -> int:
-    """Decodes, aligns, resamples and caches one study; returns its prepared slice count."""
-    series = dicom.load_series(study.image_dir)
-    mask = None if study.mask_path is None else nifti.load_mask(study.mask_path, series)
-    prepared = preprocess.prepare_series(series, **params, mask=mask, boxes=study.boxes)
-    extra = {"source_shape": list(series.hu.shape), "source_spacing": list(series.spacing)}
+    """Decodes, aligns, resamples and caches one study; returns its prepared slice count.
+
+    Slices are resampled as they are decoded: the full-resolution HU volume is never built.
+    """
+    header, hu = preprocess.read_resampled(study.image_dir, params["grid"],
+                                           params["spacing_z"], params["crop"])
+    mask = None if study.mask_path is None else nifti.load_mask(study.mask_path, header)
+    prepared = preprocess.on_grid(header, hu, **params, mask=mask, boxes=study.boxes)
+    extra = {"source_shape": list(header.shape), "source_spacing": list(header.spacing)}
     cache.write_entry(cache_dir, study.uid, prepared, study.labels, study.has_boxes, extra)
     return prepared.image.shape[0]
 

@@ -62,12 +62,15 @@ class Study:
 
 
 def _read_csv(path: str, columns: Sequence[str]) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or ())]
-        if missing:
-            raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
-        return list(reader)
+        try:
+            missing = [c for c in columns if c not in (reader.fieldnames or ())]
+            if missing:
+                raise DatasetError(f"{path}: missing column(s) {', '.join(missing)}")
+            return list(reader)
+        except (csv.Error, UnicodeDecodeError) as e:  # binary or mangled file
+            raise DatasetError(f"{path}: not a CSV text file ({e})") from None
 
 
 def _uid(value: str, where: str) -> str:
@@ -87,9 +90,10 @@ def load_index(data_dir: str, *, require_images: bool = True) -> list[Study]:
     """Reads the studies of an RSNA-layout folder, sorted by StudyInstanceUID.
 
     Labelled studies come from `train.csv`; if there is none, the studies of `test.csv`
-    are returned unlabelled. Raises DatasetError naming the file and row for missing
-    columns, non-binary labels, duplicate or unknown study IDs, a patient_overall that
-    disagrees with C1..C7, or (with `require_images`) a study without an image folder.
+    are returned unlabelled. Raises DatasetError naming the file and row for a file that
+    is not CSV text, missing columns, unsafe, duplicate or unknown study IDs, non-binary
+    labels, a patient_overall that disagrees with C1..C7, non-finite or negative box values,
+    or (with `require_images`) a study without an image folder.
     """
     train_csv = os.path.join(data_dir, "train.csv")
     test_csv = os.path.join(data_dir, "test.csv")
@@ -121,6 +125,10 @@ def load_index(data_dir: str, *, require_images: bool = True) -> list[Study]:
                 values = [float(row[c]) for c in ("slice_number", "x", "y", "width", "height")]
             except ValueError as e:
                 raise DatasetError(f"{box_csv}:{row_no}: {e}") from None
+            # Boxes are painted into fracture maps by arithmetic on these numbers.
+            if not np.isfinite(values).all() or min(values[3:]) < 0:
+                raise DatasetError(f"{box_csv}:{row_no}: box {values[1:]} on slice {values[0]:g} "
+                                   "is not finite with width, height >= 0")
             boxes.setdefault(uid, []).append(values)
 
     studies = []

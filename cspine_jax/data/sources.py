@@ -32,7 +32,8 @@ def _digest(payload: Any) -> str:
 def phantom_dir(phantom_config: Mapping[str, Any]) -> str:
     """Writes the described phantom set once (atomically); returns its folder."""
     spec = {k: phantom_config[k] for k in sorted(phantom_config)}
-    out = os.path.join(cache_root(), f"phantoms-{spec['size']}-{_digest(spec)}")
+    key = _digest({**spec, "generator": phantom.GENERATOR_VERSION})
+    out = os.path.join(cache_root(), f"phantoms-{spec['size']}-{key}")
     if not os.path.exists(os.path.join(out, "train.csv")):
         os.makedirs(cache_root(), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_root(), prefix=".tmp-phantoms-")

@@ -1,0 +1,176 @@
+"""Vertebra-wise slice stacks: the input of the two-stage baseline's classifier (stage 2).
+
+Stage 1 (a segmenter) labels every prepared slice of a study: `Located` holds, per slice, the
+share of its pixels labelled as each vertebra and, per vertebra, the in-plane box of those
+pixels. A stage-2 example is one study as seven stacks, one per vertebra C1..C7: T slices sampled
+along the slices where stage 1 finds the vertebra (one per equal bin, as
+`pipeline.sample_centres`; in training jittered and drawn to boxed fracture slices as the
+single model's are), each with its K neighbours as channels, cropped in-plane to the
+vertebra's box and resampled to c x c pixels. Training and inference build stacks with the
+same function, `study_stacks`.
+
+Example (leading batch dim B after batching):
+  image:        float32 (7, T, c, c, K * n_windows + 1) windowed HU in ~[0, 1], then the
+                slice's relative z position (`pipeline.add_position`)
+  found:        float32 (7,) 1 where stage 1 found the vertebra (else its stack is all zeros)
+  warp:         float32 (7, 4) each stack's in-plane warp, applied in the train step
+                (`augment.apply_warp`); `pipeline.NO_WARP` outside training
+  labels:       float32 (8,) [patient_overall, C1..C7] (zeros for unlabelled studies)
+  study_index:  int32   () the study's index in the entry list given to the dataset
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from cspine_jax.data import cache, pipeline
+
+NUM_VERTEBRAE = pipeline.NUM_VERTEBRAE
+
+
+@dataclasses.dataclass(frozen=True)
+class Located:
+    """Stage 1's reading of one study.
+
+    Attributes:
+      area: (z', 7) float32 share of each slice's pixels labelled C1..C7.
+      boxes: (7, 4) float32 (y0, x0, y1, x1) as fractions of the field of view: the box of the
+        pixels labelled as each vertebra on its slices; the whole field where it has none.
+    """
+
+    area: np.ndarray
+    boxes: np.ndarray
+
+
+def vertebra_slices(area: np.ndarray, min_area: float) -> list[np.ndarray]:
+    """(z', 7) area -> for each of C1..C7 the (ascending) slices where it covers at least
+    `min_area` of the slice: a vertebra is on a slice if stage 1 labels a blob of it there,
+    not a few stray pixels."""
+    return [np.flatnonzero(area[:, v] >= min_area) for v in range(NUM_VERTEBRAE)]
+
+
+def locate(segmentation: np.ndarray, min_area: float) -> Located:
+    """Stage 1's labels of a study (z', h, w) (0 bg, 1-7 C1-C7, any stride) -> `Located`.
+
+    From the labels, not from a thresholded class probability: a segmenter still learning
+    spreads its probabilities (C3 at 0.35 where it is, 0.2 where it is not) while its argmax is
+    already in place.
+    """
+    segmentation = np.asarray(segmentation)
+    h, w = segmentation.shape[1:]
+    area = np.stack([(segmentation == v + 1).mean(axis=(1, 2)) for v in range(NUM_VERTEBRAE)],
+                    axis=-1).astype(np.float32)
+    boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0], np.float32), (NUM_VERTEBRAE, 1))
+    for v, slices in enumerate(vertebra_slices(area, min_area)):
+        pixels = (segmentation[slices] == v + 1).any(axis=0)
+        if pixels.any():
+            rows, cols = np.flatnonzero(pixels.any(axis=1)), np.flatnonzero(pixels.any(axis=0))
+            boxes[v] = np.array([rows[0], cols[0], rows[-1] + 1, cols[-1] + 1]) / [h, w, h, w]
+    return Located(area, boxes)
+
+
+def crop_box(stacks: np.ndarray, box: np.ndarray, margin: float, size: int) -> np.ndarray:
+    """(T, G, G, C) -> (T, size, size, C): the square around `box` (fractions (y0, x0, y1, x1)),
+    widened by `margin` times its side on each side, resampled bilinearly.
+
+    The square is at least `size` pixels (a small vertebra is not upsampled: that adds no
+    detail) and at most the image; beyond the image the edge pixels repeat.
+    """
+    g = stacks.shape[1]
+    y0, x0, y1, x1 = np.asarray(box, np.float64) * g
+    side = min(max(max(y1 - y0, x1 - x0) * (1 + 2 * margin), size), g)
+
+    def taps(centre: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Lower and upper source pixel of each output pixel, and the upper one's weight."""
+        pos = centre - side / 2 + (np.arange(size) + 0.5) * side / size - 0.5
+        pos = pos.clip(0, g - 1)
+        lo = np.floor(pos).astype(np.int64)
+        return lo, np.minimum(lo + 1, g - 1), (pos - lo).astype(np.float32)
+
+    lo, hi, wt = taps((y0 + y1) / 2)
+    rows = stacks[:, lo] * (1 - wt)[:, None, None] + stacks[:, hi] * wt[:, None, None]
+    lo, hi, wt = taps((x0 + x1) / 2)
+    return rows[:, :, lo] * (1 - wt)[:, None] + rows[:, :, hi] * wt[:, None]
+
+
+def study_stacks(image: np.ndarray, located: Located, stacks_config: Mapping[str, Any],
+                 context: int, rng: np.random.Generator | None = None,
+                 augment: Mapping[str, Any] | None = None, focus: np.ndarray | None = None,
+                 focus_prob: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A prepared study (z', G, G, W) uint8 and stage 1's `located` -> the seven vertebra
+    stacks (7, T, c, c, K * W + 1) float32, found (7,) float32 and warps (7, 4) float32.
+
+    `stacks_config`: num_slices (T), crop (c; 0 keeps the whole G x G slice), margin,
+    min_area. With `rng` the slices are jittered within their bins, a bin holding `focus`
+    ((z',) flags: boxed fracture slices) takes one of those with probability `focus_prob`, and
+    with `augment` (`data.augment`) each stack gets the single model's augmentation: flip and
+    intensity here, and a warp of its own for the train step.
+    """
+    count, crop = int(stacks_config["num_slices"]), int(stacks_config["crop"])
+    size = crop or image.shape[1]
+    out = np.zeros((NUM_VERTEBRAE, count, size, size, context * image.shape[-1] + 1), np.float32)
+    found = np.zeros(NUM_VERTEBRAE, np.float32)
+    warps = np.tile(pipeline.NO_WARP, (NUM_VERTEBRAE, 1))
+    for v, slices in enumerate(vertebra_slices(located.area, stacks_config["min_area"])):
+        if not len(slices):
+            continue
+        centres = slices[pipeline.sample_centres(
+            len(slices), count, rng, None if focus is None else focus[slices], focus_prob)]
+        stacks = pipeline.stack_context(image, centres, context).astype(np.float32) / 255.0
+        if crop:
+            stacks = crop_box(stacks, located.boxes[v], stacks_config["margin"], crop)
+        if augment is not None:
+            stacks, _, warps[v] = pipeline._augment(stacks, (), rng, augment)
+        out[v] = pipeline.add_position(stacks, centres, image.shape[0])
+        found[v] = 1.0
+    return out, found, warps
+
+
+class SampleVertebrae(grain.transforms.RandomMap):
+    """cache.Entry (+ its index) -> one stage-2 example (see module doc)."""
+
+    def __init__(self, located: Mapping[str, Located], data_config: Mapping[str, Any],
+                 stacks_config: Mapping[str, Any], train: bool):
+        self.located = dict(located)
+        self.stacks = dict(stacks_config)
+        self.context = int(data_config["context"])
+        self.augment = dict(data_config["augment"]) if train else None
+        self.fracture_focus = float(data_config.get("fracture_focus", 0.0))
+
+    def random_map(self, element: tuple[int, cache.Entry],
+                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+        index, entry = element
+        train = self.augment is not None
+        stacks, found, warps = study_stacks(
+            entry.image(), self.located[entry.uid], self.stacks, self.context,
+            rng if train else None, self.augment,
+            entry.slice_fracture() > 0 if train else None, self.fracture_focus)
+        labels = np.zeros(8, np.float32) if entry.labels is None else entry.labels
+        return {"image": stacks, "found": found, "warp": warps,
+                "labels": labels.astype(np.float32), "study_index": np.int32(index)}
+
+
+def save_located(path: str, located: Mapping[str, Located], seconds: float) -> None:
+    """Writes stage 1's output for `located` studies (and the seconds it took) as one .npz,
+    atomically."""
+    arrays = {"seconds": np.float64(seconds)}
+    for uid, loc in located.items():
+        arrays[f"{uid}.area"], arrays[f"{uid}.boxes"] = loc.area, loc.boxes
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_located(path: str, uids: Sequence[str]) -> tuple[dict[str, Located], float]:
+    """The `Located` of each of `uids` from `save_located`'s file, and its seconds."""
+    with np.load(path, allow_pickle=False) as f:
+        return ({uid: Located(f[f"{uid}.area"], f[f"{uid}.boxes"]) for uid in uids},
+                float(f["seconds"]))

@@ -1,0 +1,274 @@
+"""Training of the two-stage baseline, the training-time benchmark's reference (the single
+model's training is `trainer`). In the spirit of the RSNA 2022 winners:
+
+  stage 1  the segmenter (2.5D backbone + SegDecoder) on the training studies with masks,
+           SpineNet's segmentation CE + Dice on `pipeline` batches (S slices per study);
+  locate   the trained segmenter over every prepared slice of every training study: per-slice
+           vertebra presence and per-vertebra boxes (`data.vertebrae.Located`), kept on disk;
+  stage 2  the classifier (its own backbone + BiGRU) on the seven vertebra stacks of every
+           training study (`data.vertebrae`), the competition's weighted log loss on train.csv.
+
+Both stages run the single model's machinery: one data-parallel mesh and the same sharded jit
+step (`trainer.make_train_step` with the stage's loss), AdamW (`optim`), Orbax checkpoints with
+the data iterator (`checkpoints`), tqdm and TensorBoard. A stage trains one part of the
+TwoStageModel's parameters and passes the other through, so every checkpoint holds the whole
+model.
+
+  workdir/stage1/checkpoints/  stage 1; val_loss: segmentation loss of the held-out masked studies
+  workdir/stage1/located.npz   the locate pass
+  workdir/checkpoints/         stage 2, read by evaluate.py; val_loss: held-out competition loss by
+                               whole-study inference (stage 1 read every slice of those studies)
+  workdir/metrics.json, eval/, tensorboard/   as the single model's run
+
+`train_seconds` in every checkpoint's metrics is the wall time spent training so far: in stage 2,
+stage 1 and the locate pass included; evaluations and saves are off the clock. Re-running with
+the same workdir resumes where the last run stopped. The locate pass and the evaluations run in
+each process on its own devices, on all the studies they need.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tensorboardX import SummaryWriter
+
+from cspine_jax import checkpoints, evaluation, metrics, optim, trainer
+from cspine_jax.data import cache, pipeline, sources, vertebrae
+from cspine_jax.models import spine_net, two_stage
+
+
+# ---------------------------------------------------------------------------- steps
+def make_stage_step(config: ml_collections.ConfigDict, part: str,
+                    graphdef: nnx.GraphDef) -> tuple[optax.GradientTransformation, Callable]:
+    """The optimizer and train step of the stage that trains `part` ('segmenter': stage 1,
+    'classifier': stage 2); `graphdef` is that part's.
+
+    The step is `trainer.make_train_step` with the stage's loss, on the part's parameters:
+    (params, opt_state, batch) -> (params, opt_state, metrics), `params` the whole model's
+    (the other part passes through unchanged), `opt_state` the part's.
+    """
+    if part == "segmenter":
+        stage = config.stage1
+        loss_fn = functools.partial(two_stage.segmenter_loss, weights=dict(stage.loss))
+    else:
+        stage, loss_fn = config.stage2, two_stage.classifier_loss
+    tx = optim.make_optimizer(stage.optim)
+    part_step = trainer.make_train_step(graphdef, tx, stage, loss_fn)
+
+    def step(params, opt_state, batch):
+        params[part], opt_state, out = part_step(params[part], opt_state, batch)
+        return params, opt_state, out
+
+    return tx, step
+
+
+def _train_stage(name: str, stage: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                 step_fn: Callable, state: dict, train_iter, mngr, evaluate: Callable,
+                 seconds: float, sharding: NamedSharding, writer: SummaryWriter | None,
+                 progress: bool) -> tuple[dict, float]:
+    """Trains one stage from its latest checkpoint in `mngr` to `stage.optim.steps`.
+
+    `evaluate(params) -> {val_loss, ...}` runs at every checkpoint, off the clock. Returns the
+    final state and the clock: `seconds` (training before this stage) plus this stage's time.
+    """
+    step = mngr.latest_step() or 0
+    if step:
+        state = checkpoints.restore(mngr, step, state, train_iter)
+        seconds = mngr.metrics(step)["train_seconds"]
+    replicated = NamedSharding(sharding.mesh, P())
+    train_step = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(replicated,) * 3)
+    total, batch_size = stage.optim.steps, stage.optim.batch_size
+    bar = tqdm.tqdm(total=total, initial=step, unit="step", desc=name,
+                    disable=not (writer is not None and progress), dynamic_ncols=True)
+    pending, tick = [], time.perf_counter()
+    clock = tick
+    while step < total:
+        state["params"], state["opt_state"], step_metrics = train_step(
+            state["params"], state["opt_state"], trainer.to_global(next(train_iter), sharding))
+        step += 1
+        pending.append(step_metrics)
+        bar.update()
+        if step % config.log.every == 0 or step == total:
+            fetched = jax.device_get(pending)
+            if all(m["skipped"] for m in fetched):
+                bar.close()
+                raise FloatingPointError(f"{name}: loss, gradients or parameters not finite in "
+                                         f"steps {step - len(fetched) + 1}-{step}")
+            mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+            mean["examples_per_s"] = len(fetched) * batch_size / (time.perf_counter() - tick)
+            pending, tick = [], time.perf_counter()
+            if writer is not None:
+                for k, v in mean.items():
+                    writer.add_scalar(f"{name}/train/{k}", v, step)
+            bar.set_postfix(loss=f"{mean['loss']:.4f}", ex_s=f"{mean['examples_per_s']:.1f}")
+        if step % stage.checkpoint.every == 0 or step == total:
+            jax.block_until_ready(state)  # stop the clock when the steps' work is done
+            seconds += time.perf_counter() - clock
+            result = {**evaluate(state["params"]), "train_seconds": seconds}
+            bar.write(f"{name} step {step}: "
+                      + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+            if writer is not None:
+                for k, v in result.items():
+                    if np.isfinite(v):
+                        writer.add_scalar(f"{name}/{k}", v, step)
+            checkpoints.save(mngr, step, state, train_iter, config, result)
+            clock = tick = time.perf_counter()
+    bar.close()
+    checkpoints.close(mngr)
+    return state, seconds
+
+
+# ---------------------------------------------------------------------------- the run
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       progress: bool = True) -> dict[str, float]:
+    """Trains (or resumes) both stages in `workdir`, then evaluates the best stage-2 checkpoint
+    on every slice of every held-out study. Returns the held-out metrics (also in
+    `workdir/metrics.json`)."""
+    # Distributed set-up, mesh and input: as the single model's.
+    dist = config.distributed
+    if dist.num_processes > 1 and not jax.distributed.is_initialized():
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id)
+    chief, num_processes = jax.process_index() == 0, jax.process_count()
+    os.makedirs(os.path.join(workdir, "stage1"), exist_ok=True)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    for stage in (config.stage1, config.stage2):
+        if stage.optim.batch_size % jax.device_count():
+            raise ValueError(f"batch_size {stage.optim.batch_size} not divisible by "
+                             f"{jax.device_count()} devices")
+    if chief:
+        cache_dir = sources.prepared_cache(config.data, progress=progress)
+    multihost_utils.sync_global_devices("cache prepared")
+    if not chief:
+        cache_dir = sources.prepared_cache(config.data, progress=False)
+    train_entries, held_out = sources.split_entries(cache.read_entries(cache_dir),
+                                                    config.data, config.seed)
+    masked = [e for e in train_entries if e.has_mask]
+    masked_held_out = [e for e in held_out if e.has_mask]
+    if not masked or not masked_held_out:
+        raise ValueError("stage 1 needs studies with masks in both the training and the "
+                         "held-out studies")
+
+    def train_iter(entries, batch_size, sample=None):
+        return pipeline.iterate(pipeline.train_dataset(
+            entries, config.data, seed=config.seed, global_batch=batch_size,
+            process_index=jax.process_index(), process_count=num_processes, sample=sample),
+            config.data.workers)
+
+    # Model: both stages in one parameter tree; each stage's step trains its part.
+    abstract = nnx.eval_shape(lambda: two_stage.create_model(config, config.seed))
+    graphdef = nnx.graphdef(abstract)
+    seg_graphdef, cls_graphdef = nnx.graphdef(abstract.segmenter), nnx.graphdef(abstract.classifier)
+    tx1, step1 = make_stage_step(config, "segmenter", seg_graphdef)
+    tx2, step2 = make_stage_step(config, "classifier", cls_graphdef)
+
+    @functools.partial(jax.jit, out_shardings=replicated)
+    def init_state():
+        params = nnx.split(two_stage.create_model(config, config.seed))[1]
+        return {"params": params, "opt_state": tx1.init(params["segmenter"])}
+
+    state = init_state()
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if chief else None
+    if chief:
+        print(f"two-stage model: {spine_net.param_count(state['params']['segmenter']):,} "
+              f"segmenter + {spine_net.param_count(state['params']['classifier']):,} "
+              f"classifier parameters; {jax.device_count()} devices in {num_processes} "
+              f"process(es); {len(train_entries)} train ({len(masked)} with masks) / "
+              f"{len(held_out)} held-out studies; cache {cache_dir}")
+
+    # Stage 1: the segmenter on the studies with masks; evals: held-out segmentation loss.
+    seg_terms = jax.jit(lambda params, batch: two_stage.segmenter_loss(
+        nnx.merge(seg_graphdef, params["segmenter"]), batch, dict(config.stage1.loss))[1])
+
+    def evaluate_stage1(params) -> dict[str, float]:
+        params, sums = jax.device_get(params), {}
+        for batch in pipeline.iterate(pipeline.eval_dataset(masked_held_out, config.data,
+                                                            config.stage1.optim.batch_size)):
+            for k, v in jax.device_get(seg_terms(params, batch)).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(batch["study_index"])
+        result = {f"val_{k}": v / len(masked_held_out) for k, v in sums.items()}
+        return {"val_loss": sum(config.stage1.loss[k] * result[f"val_{k}"] for k in sums),
+                **result}
+
+    state, seconds = _train_stage(
+        "stage1", config.stage1, config, step1, state,
+        train_iter(masked, config.stage1.optim.batch_size),
+        checkpoints.manager(os.path.join(workdir, "stage1"), config.stage1.checkpoint.keep),
+        evaluate_stage1, 0.0, data_sharding, writer, progress)
+
+    # Locate: stage 1 over every slice of every training study, on the clock; the held-out
+    # studies alike (once, for stage 2's evals), off the clock.
+    locator = evaluation.TwoStagePredictor(nnx.merge(graphdef, jax.device_get(state["params"])),
+                                           config)
+
+    def locate(entries, desc):
+        return {e.uid: locator.locate(e.image())[0] for e in tqdm.tqdm(
+            entries, desc=desc, unit="study", disable=not (chief and progress))}
+
+    located_path = os.path.join(workdir, "stage1", "located.npz")
+    if os.path.exists(located_path):
+        located, locate_seconds = vertebrae.load_located(located_path,
+                                                         [e.uid for e in train_entries])
+    else:
+        start = time.perf_counter()
+        located = locate(train_entries, "locate")
+        locate_seconds = time.perf_counter() - start
+        if chief:
+            vertebrae.save_located(located_path, located, locate_seconds)
+    held_out_located = locate(held_out, "locate held-out")
+    seconds += locate_seconds
+
+    # Stage 2: the classifier on vertebra stacks; evals: held-out competition loss.
+    stacks = config.model.stacks
+    state = {"params": state["params"],
+             "opt_state": jax.jit(tx2.init, out_shardings=replicated)(
+                 state["params"]["classifier"])}
+    classify = jax.jit(lambda params, batch: jax.nn.sigmoid(nnx.merge(
+        cls_graphdef, params["classifier"])(batch["image"], batch["found"])))
+    eval_ds = pipeline.eval_dataset(
+        held_out, config.data, config.stage2.optim.batch_size,
+        sample=vertebrae.SampleVertebrae(held_out_located, config.data, stacks, train=False))
+    held_out_labels = np.stack([e.labels for e in held_out])
+
+    def evaluate_stage2(params) -> dict[str, float]:
+        params, probs = jax.device_get(params), np.zeros((len(held_out), 8), np.float32)
+        for batch in pipeline.iterate(eval_ds):
+            probs[batch["study_index"]] = jax.device_get(classify(params, batch))
+        return {"val_loss": metrics.competition_loss(held_out_labels, probs),
+                "val_auc_patient_overall": metrics.auc(held_out_labels[:, 0], probs[:, 0])}
+
+    _train_stage(
+        "stage2", config.stage2, config, step2, state,
+        train_iter(train_entries, config.stage2.optim.batch_size,
+                   vertebrae.SampleVertebrae(located, config.data, stacks, train=True)),
+        checkpoints.manager(workdir, config.stage2.checkpoint.keep),
+        evaluate_stage2, seconds, data_sharding, writer, progress)
+
+    # Final: the best stage-2 checkpoint on every slice of every held-out study, by the code
+    # path of evaluate.py (report and submission in workdir/eval).
+    results = {}
+    if chief:
+        results = evaluation.evaluate_run(workdir, progress=progress)
+        with open(os.path.join(workdir, "metrics.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        writer.close()
+        print(f"held-out results (best checkpoint, step {int(results['step'])}, "
+              f"{len(held_out)} studies):")
+        print(evaluation.format_table(results))
+    multihost_utils.sync_global_devices("evaluated")
+    return results

@@ -1,0 +1,240 @@
+"""The two-stage baseline: model shapes and sizes, stage-2 learning, the stage-1 -> vertebra
+stack assignment, the benchmark's time-to-quality, and evaluate.py's path on its checkpoint."""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny, two_stage_tiny
+from cspine_jax import checkpoints, evaluation, metrics, optim, two_stage_trainer
+from cspine_jax.data import cache, pipeline, sources, vertebrae
+from cspine_jax.models import heads, spine_net, two_stage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "train_time", os.path.join(ROOT, "benchmarks", "train_time.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gru_params(inputs: int, hidden: int) -> int:
+    """nnx.GRUCell: input kernel and bias, recurrent kernel (no bias), for 3 gates."""
+    return 3 * hidden * (inputs + 1) + 3 * hidden * hidden
+
+
+def _abstract(create, config):
+    """(graphdef, state) of a model's shapes: no initialiser runs."""
+    return nnx.split(nnx.eval_shape(lambda: create(config, 0)))
+
+
+def _init(config):
+    """The two-stage model's parameters, initialised in one program (eagerly, each
+    initialiser would compile on its own)."""
+    return jax.jit(lambda: nnx.state(two_stage.create_model(config, 0)))()
+
+
+def test_shapes_and_parameter_counts():
+    config = two_stage_tiny.get_config()
+    graphdef, state = _abstract(two_stage.create_model, config)
+    model = nnx.merge(graphdef, state)
+    grid, channels = config.data.grid, spine_net.input_channels(config)
+    labels = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).locate(x), state,
+                            jax.ShapeDtypeStruct((3, grid, grid, channels), jnp.float32))
+    assert labels.shape == (3, grid // 2, grid // 2) and labels.dtype == jnp.uint8
+    stacks = config.model.stacks
+    logits = jax.eval_shape(
+        lambda s, x, f: nnx.merge(graphdef, s).classifier(x, f), state,
+        jax.ShapeDtypeStruct((2, 7, stacks.num_slices, stacks.crop, stacks.crop, channels),
+                             jnp.float32),
+        jax.ShapeDtypeStruct((2, 7), jnp.float32))
+    assert logits.shape == (2, 8) and logits.dtype == jnp.float32
+
+    # Stage 1 is exactly SpineNet's backbone + decoder (same data and widths: configs/tiny.py),
+    # so the comparison is like for like.
+    single = nnx.merge(*_abstract(spine_net.create_model, tiny.get_config()))
+    assert spine_net.param_count(model.segmenter) == (spine_net.param_count(single.backbone)
+                                                      + spine_net.param_count(single.decoder))
+    cls = config.model.classifier
+    width, hidden = cls.widths[-1], cls.hidden
+    head = (2 * width  # GroupNorm scale and bias
+            + 2 * width * hidden + hidden  # embed
+            + 7 * hidden  # level embedding
+            + 2 * _gru_params(hidden, hidden)  # both directions
+            + 4 * hidden + 1  # out
+            + 7 + 2)  # per-level bias, overall affine
+    assert spine_net.param_count(model.classifier) == (
+        spine_net.param_count(model.classifier.backbone) + head)
+    # Parameters are the whole state: no RNG or other state to checkpoint.
+    assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_stage2_loss_decreases_on_a_tiny_overfit():
+    config = two_stage_tiny.get_config()
+    config.stage2.optim.update(lr=3e-3, warmup_steps=1, steps=1000)
+    graphdef, _ = _abstract(two_stage.create_model, config)
+    params = _init(config)
+    initial = jax.device_get(params)
+    tx, step = two_stage_trainer.make_stage_step(
+        config, "classifier", nnx.graphdef(nnx.merge(graphdef, params).classifier))
+    rng = np.random.default_rng(0)
+    stacks = config.model.stacks
+    shape = (4, 7, stacks.num_slices, stacks.crop, stacks.crop, spine_net.input_channels(config))
+    labels = np.zeros((4, 8), np.float32)
+    labels[0, [0, 2]] = labels[1, [0, 6, 7]] = 1.0  # two positive, two negative studies
+    batch = {"image": rng.random(shape, np.float32), "found": np.ones((4, 7), np.float32),
+             "warp": np.tile(pipeline.NO_WARP, (4, 7, 1)), "labels": labels}
+    step = jax.jit(step)
+    opt_state = tx.init(params["classifier"])
+    losses = []
+    for _ in range(25):
+        params, opt_state, out = step(params, opt_state, batch)
+        losses.append(float(out["loss"]))
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert step._cache_size() == 1  # one compiled program for every step
+    # Stage 2 trains the classifier only.
+    for a, b in zip(jax.tree.leaves(params["segmenter"]), jax.tree.leaves(initial["segmenter"]),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stage1_outputs_give_each_vertebra_its_slices_and_box():
+    # Ground-truth-like labels at the segmentation stride: C1..C6 on 4 slices each, each in
+    # its own box; a stray pixel of C3 far below it; C7 nowhere (a scan cut above it).
+    z, h = 30, 16
+    truth = np.zeros((z, h, h), np.uint8)
+    for v in range(6):
+        truth[2 + 4 * v: 6 + 4 * v, 2 + v: 10 + v, 4:12] = v + 1
+    truth[28, 0, 0] = 3
+    located = vertebrae.locate(truth, min_area=0.01)  # 2.6 of 256 pixels
+
+    slices = vertebrae.vertebra_slices(located.area, 0.01)
+    for v in range(6):
+        np.testing.assert_array_equal(slices[v], np.arange(2 + 4 * v, 6 + 4 * v),
+                                      err_msg=f"C{v + 1}")
+        np.testing.assert_allclose(located.boxes[v], np.array([2 + v, 4, 10 + v, 12]) / h,
+                                   err_msg=f"C{v + 1}")
+        np.testing.assert_allclose(located.area[2 + 4 * v, v], 64 / 256)
+    assert len(slices[6]) == 0
+    np.testing.assert_array_equal(located.boxes[6], [0, 0, 1, 1])
+
+    # Stacks: every sampled slice is one of the vertebra's, evenly spread, ascending.
+    image = np.broadcast_to(np.arange(z, dtype=np.uint8)[:, None, None, None],
+                            (z, 32, 32, 1)).copy()
+    config = {"num_slices": 6, "crop": 8, "margin": 0.1, "min_area": 0.01}
+    stacks, found, warps = vertebrae.study_stacks(image, located, config, context=1)
+    assert stacks.shape == (7, 6, 8, 8, 2)
+    np.testing.assert_array_equal(warps, np.tile(pipeline.NO_WARP, (7, 1)))
+    np.testing.assert_array_equal(found, [1, 1, 1, 1, 1, 1, 0])
+    for v in range(6):
+        picked = np.rint(stacks[v, :, 0, 0, 0] * 255).astype(int)
+        assert set(picked) == set(slices[v]) and np.all(np.diff(picked) >= 0), (v, picked)
+    assert not stacks[6].any()
+    jittered, _, _ = vertebrae.study_stacks(image, located, config, context=1,
+                                            rng=np.random.default_rng(0))
+    assert np.isin(np.rint(jittered[0, :, 0, 0, 0] * 255), slices[0]).all()
+    # In training a stack is drawn to the boxed fracture slices, as the single model's are.
+    boxed = np.zeros(z, bool)
+    boxed[3] = True
+    one = {**config, "num_slices": 1}
+    for seed in range(5):
+        focused, _, _ = vertebrae.study_stacks(image, located, one, context=1,
+                                               rng=np.random.default_rng(seed), focus=boxed,
+                                               focus_prob=1.0)
+        assert np.rint(focused[0, 0, 0, 0, 0] * 255) == 3
+
+
+def test_crop_box_resamples_the_box():
+    rows = np.arange(32, dtype=np.float32)
+    stacks = np.broadcast_to(rows[None, :, None, None], (2, 32, 32, 1))
+    box = np.array([8, 4, 24, 20]) / 32  # 16 x 16 pixels
+    crop = vertebrae.crop_box(stacks, box, margin=0.0, size=16)
+    np.testing.assert_allclose(crop[0, :, 0, 0], np.arange(8, 24))  # same scale: exact pixels
+    half = vertebrae.crop_box(stacks, box, margin=0.0, size=8)  # at least 8 px: downsampled
+    np.testing.assert_allclose(half[0, :, 0, 0], np.arange(8.5, 24, 2))
+    small = vertebrae.crop_box(stacks, np.array([15, 15, 17, 17]) / 32, margin=0.0, size=8)
+    np.testing.assert_allclose(small[0, :, 0, 0], np.arange(12, 20))  # never upsampled
+
+
+def test_time_to_quality_on_synthetic_curves():
+    bench = _load_benchmark()
+    seconds = np.array([10.0, 20.0, 30.0, 40.0])
+    two = (np.array([100.0, 200.0, 300.0]), np.array([0.60, 0.50, 0.45]))
+    single = (seconds, np.array([0.70, 0.55, 0.45, 0.40]))  # reaches 0.45 exactly at 30 s
+    assert bench.time_to_quality(*single, 0.45) == 30.0
+    assert bench.quality_ratio(single, two) == (30.0, 300.0, 0.1)
+    # A baseline whose loss was already this low earlier counts from then.
+    dip = (two[0], np.array([0.60, 0.44, 0.45]))
+    assert bench.quality_ratio(single, dip)[1:] == (200.0, 30.0 / 200.0)
+    never = (seconds, np.array([0.7, 0.6, 0.5, 0.46]))
+    t_single, _, ratio = bench.quality_ratio(never, two)
+    assert t_single == math.inf and ratio == math.inf
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A stage-2 checkpoint of a tiny two-stage model, saved as the trainer saves it, whose
+    stage 1 puts C1 on every slice and whose stage 2 reads its stack, on tiny phantoms."""
+    root = str(tmp_path_factory.mktemp("cspine_cache"))
+    os.environ["CSPINE_CACHE"] = root
+    config = two_stage_tiny.get_config()
+    train, _ = sources.split_entries(
+        cache.read_entries(sources.prepared_cache(config.data, progress=False)), config.data,
+        config.seed)
+    params = _init(config)
+    bias = np.zeros(heads.NUM_CLASSES + 1, np.float32)
+    bias[1] = 10.0  # C1 everywhere
+    params["segmenter"]["decoder"]["out"]["bias"][...] = bias
+    kernel = params["classifier"]["out"]["kernel"]
+    kernel[...] = np.random.default_rng(0).normal(0.0, 1.0, kernel.shape).astype(np.float32)
+    tx = optim.make_optimizer(config.stage2.optim)
+    state = {"params": params, "opt_state": tx.init(params["classifier"])}
+    workdir = str(tmp_path_factory.mktemp("two_stage"))
+    data = pipeline.iterate(pipeline.eval_dataset(train, config.data, 4))
+    with checkpoints.manager(workdir) as mngr:
+        checkpoints.save(mngr, 2, state, data, config, {"val_loss": 0.5, "train_seconds": 1.0})
+    yield config, workdir
+    del os.environ["CSPINE_CACHE"]
+
+
+def test_evaluate_path_scores_a_two_stage_checkpoint(run):
+    config, workdir = run
+    model, saved, step = checkpoints.load_model(workdir)
+    assert isinstance(model, two_stage.TwoStageModel) and saved.model.family == "two_stage"
+    assert step == 2
+    values = evaluation.evaluate_run(workdir, progress=False)  # what evaluate.py runs
+
+    # The same metrics.json keys as the single model's evaluation.
+    y = np.array([[1, 1, 0, 0, 0, 0, 0, 0], [0] * 8], np.float32)
+    single_keys = {"step", *metrics.study_metrics(y, np.full((2, 8), 0.5), 0.5),
+                   *metrics.dice_iou(np.eye(8))}
+    assert set(values) == single_keys
+    with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+        assert json.load(f) == pytest.approx(values, nan_ok=True)
+    _, held_out = sources.split_entries(
+        cache.read_entries(sources.prepared_cache(config.data, progress=False)), config.data,
+        config.seed)
+    with open(os.path.join(workdir, "eval", "submission.csv"), newline="") as f:
+        assert len(list(csv.reader(f))) == 1 + 8 * len(held_out)
+
+    # Stage 1 -> C1's stack -> stage 2: only C1 is found, and only its probability depends
+    # on the study; the others are the prior.
+    predictor = evaluation.make_predictor(model, saved)
+    assert isinstance(predictor, evaluation.TwoStagePredictor)
+    predictions = [predictor(e.image()) for e in held_out]
+    probs = np.stack([p.probs for p in predictions])
+    assert (predictions[0].segmentation == 1).all() and predictions[0].slice_logits is None
+    assert np.ptp(probs[:, 1]) > 1e-4
+    np.testing.assert_allclose(probs[:, 2:], two_stage.VERTEBRA_PRIOR, rtol=1e-5)
