@@ -1,6 +1,6 @@
 """Training time: the single model against the two-stage baseline, same data, same machine.
 
-    python benchmarks/train_time.py [--out runs/train_time] [--eval_points 6]
+    python benchmarks/train_time.py [--out runs/train_time] [--eval_points 5]
         [--single configs/default.py] [--two_stage configs/two_stage.py]
         [--single_steps N] [--stage1_steps N] [--stage2_steps N] [--batch B] [--grid G]
         [--single.<field>=... --two_stage.<field>=...]
@@ -23,11 +23,13 @@ interpolation), and their ratio. An --out that holds earlier runs resumes them. 
     time_to_quality_ratio=<single / two-stage> single_final_loss=<x> two_stage_final_loss=<y>
 with ratio=inf when the single model never reaches the baseline's final loss.
 
-Budget of the defaults on 2 CPU cores (~30 min): phantoms and cache ~1.5 min once; the single
-model (configs/default.py, 400 steps) ~6 min; the baseline ~8 min (stage 1 150 steps ~2 min,
-locate ~1 min, stage 2 300 steps ~5 min); scoring 2 x 6 checkpoints ~6 min; FLOP counts
-(compiling each step once more) ~2 min. On an accelerator scale it up with the flags, e.g.
---grid=256 --batch=32 --single_steps=4000 --stage1_steps=1500 --stage2_steps=3000.
+Budget of the defaults on 2 CPU cores, ~30 min (measured 31 min with 6 evaluation points on a
+machine shared with other jobs, load 1-6): the single model (configs/default.py, 400 steps)
+~11 min of training; the baseline ~14 min (stage 1 300 steps ~6 min, locate ~0.5 min, stage 2
+300 steps ~7.5 min); the rest (each trainer's final evaluation, scoring 2 x 5 checkpoints, FLOP
+counts compiling each step once more) ~6 min. The phantoms and their cache, ~1.5 min, are
+made once and not counted. On an accelerator scale it up with the flags, e.g. --grid=256
+--batch=32 --single_steps=4000 --stage1_steps=1500 --stage2_steps=3000.
 """
 
 import csv
@@ -66,7 +68,7 @@ config_flags.DEFINE_config_file("two_stage",
                                 os.path.normpath(os.path.join(_CONFIGS, "two_stage.py")),
                                 "Config of the two-stage baseline.")
 flags.DEFINE_string("out", "runs/train_time", "Both runs, the CSV and the PNG.")
-flags.DEFINE_integer("eval_points", 6, "Checkpoints scored per run (stage 2 for the baseline).")
+flags.DEFINE_integer("eval_points", 5, "Checkpoints scored per run (stage 2 for the baseline).")
 flags.DEFINE_integer("single_steps", 0, "Steps of the single model; 0: its config's.")
 flags.DEFINE_integer("stage1_steps", 0, "Steps of the baseline's stage 1; 0: its config's.")
 flags.DEFINE_integer("stage2_steps", 0, "Steps of the baseline's stage 2; 0: its config's.")
@@ -191,13 +193,15 @@ def two_stage_flops(config: ml_collections.ConfigDict, train: list[cache.Entry],
 
 # ---------------------------------------------------------------------------- report
 def curve_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], target: float,
-                 stage_marks: dict[str, float]) -> Figure:
+                 prior_loss: float, stage_marks: dict[str, float]) -> Figure:
     """Held-out competition loss against training time, one line per system."""
     fig = Figure(figsize=(7.0, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for name, (seconds, losses) in curves.items():
         ax.plot(seconds / 60, losses, marker="o", lw=1.6, label=name)
     ax.axhline(target, ls="--", color="0.4", lw=1, label=f"two-stage final loss {target:.4f}")
+    ax.axhline(prior_loss, ls=":", color="tab:red", lw=1,
+               label=f"constant training prevalence {prior_loss:.4f}")
     for label, seconds in stage_marks.items():
         ax.axvline(seconds / 60, ls=":", color="0.6", lw=1)
         ax.annotate(label, (seconds / 60, 1.0), xycoords=("data", "axes fraction"),
@@ -235,6 +239,10 @@ def main(argv):
         single.seed)
     print(f"scoring checkpoints on {len(held_out)} held-out studies", flush=True)
     curves = {name: loss_curve(path, held_out) for name, path in runs.items()}
+    # What learning nothing scores: every held-out study predicted at the training prevalence.
+    labels = np.stack([e.labels for e in held_out])
+    prior = np.stack([e.labels for e in train]).mean(axis=0)
+    prior_loss = metrics.competition_loss(labels, np.broadcast_to(prior, labels.shape))
 
     # Costs.
     located, locate_seconds = vertebrae.load_located(
@@ -287,10 +295,12 @@ def main(argv):
     pairs = {name: (seconds, losses) for name, (_, seconds, losses) in curves.items()}
     target = float(pairs["two-stage"][1][-1])
     t_single, t_two, ratio = quality_ratio(pairs["single"], pairs["two-stage"])
-    png_path = report.save_png(curve_figure(pairs, target, {
-        "stage 1 done": stage1_seconds, "locate done": stage1_seconds + locate_seconds}),
+    png_path = report.save_png(curve_figure(pairs, target, prior_loss, {
+        "two-stage: stage 1 done": stage1_seconds,
+        "two-stage: locate done": stage1_seconds + locate_seconds}),
         os.path.join(out, "train_time.png"))
-    print(f"\ntarget: the two-stage pipeline's final held-out loss {target:.4f}")
+    print(f"\nreference: a constant prediction at the training prevalence scores {prior_loss:.4f}")
+    print(f"target: the two-stage pipeline's final held-out loss {target:.4f}")
     print(f"time to reach it: single {t_single:.1f} s, two-stage {t_two:.1f} s "
           f"(single / two-stage = {ratio:.3f}; < 1: the single model gets there sooner)")
     print(f"curves: {csv_path}, {png_path}; the whole benchmark took "

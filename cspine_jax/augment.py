@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+_SNAP = 256.0
+
 
 def _source_coords(warp: jax.Array, size: int) -> jax.Array:
     """Where each output pixel samples the input: warp (4,) -> (2, size, size) (y, x).
@@ -25,7 +27,11 @@ def _source_coords(warp: jax.Array, size: int) -> jax.Array:
     yy, xx = jnp.meshgrid(jnp.arange(size, dtype=jnp.float32) - centre,
                           jnp.arange(size, dtype=jnp.float32) - centre, indexing="ij")
     cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
-    return jnp.stack([cos * yy - sin * xx + centre - dy, sin * yy + cos * xx + centre - dx])
+    coords = jnp.stack([cos * yy - sin * xx + centre - dy, sin * yy + cos * xx + centre - dx])
+    # Snapped to 1/256 pixel: programs compiled for different meshes may round the products
+    # differently by an ulp, which would flip nearest-neighbour labels at half-pixel ties and
+    # make a sharded step differ from the single-device one.
+    return jnp.round(coords * _SNAP) / _SNAP
 
 
 def _resample(plane: jax.Array, coords: jax.Array, order: int) -> jax.Array:

@@ -107,6 +107,8 @@ class VertebraClassifier(nnx.Module):
         x = self.gru(x, initial_carry=(carry, carry))  # (b * v, t, 2 * hidden)
         x = jnp.concatenate([x.mean(axis=1), x.max(axis=1)], axis=-1)
         bias = self.bias[...]
+        # [:, 0] first: a reshape that splits the sharded batch axis and drops a size-1 axis
+        # at once has no sharding rule.
         vertebra = self.out(x)[:, 0].reshape(b, v).astype(jnp.float32) + bias
         # A vertebra stage 1 did not find has an all-zero stack: it gets its prior only.
         vertebra = jnp.where(found > 0, vertebra, bias)
