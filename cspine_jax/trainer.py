@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,90 @@ def _pad_rows(batch: Batch, rows: int) -> Batch:
     return padded
 
 
+# ---------------------------------------------------------------------------- the loop
+def train_loop(name: str, stage: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+               step_fn: Callable, state: dict[str, Any], train_iter, mngr,
+               evaluate: Callable, sharding: NamedSharding, writer: SummaryWriter | None, *,
+               progress: bool, seconds: float = 0.0) -> tuple[dict[str, Any], float]:
+    """Trains `state` {params, opt_state} with `step_fn` from the latest checkpoint in `mngr`
+    to `stage.optim.steps`; returns the final state and the training clock.
+
+    Args:
+      name: the progress bar's label and the TensorBoard prefix ("train": none, else
+        "<name>/").
+      stage: holds `optim` (steps, batch_size, the lr schedule) and `checkpoint.every`: the
+        whole config for the single model, a stage's for the two-stage baseline.
+      config: the run's config, saved with every checkpoint; `log.every` sets the logging.
+      step_fn: (params, opt_state, batch) -> (params, opt_state, metrics), as from
+        `make_train_step`; jitted here with the old state's buffers donated.
+      train_iter: Grain iterator of this process's rows, checkpointed with the state.
+      evaluate: params -> (results with `val_loss`, an (H, W, 3) picture or None); runs at
+        every checkpoint, off the clock.
+      writer: TensorBoard writer of the chief process, None elsewhere (no bar, no output).
+      seconds: training time before this loop (two-stage: the stages before it).
+
+    `train_seconds`, the wall time spent training (evaluations and saves excluded), goes into
+    every checkpoint's metrics and carries over a resume.
+    """
+    step = mngr.latest_step() or 0
+    if step:
+        state = checkpoints.restore(mngr, step, state, train_iter)
+        seconds = (mngr.metrics(step) or {}).get("train_seconds", seconds)
+        if writer is not None:
+            print(f"{name}: resumed from step {step}")
+    replicated = NamedSharding(sharding.mesh, P())
+    train_step = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(replicated,) * 3)
+    schedule = jax.jit(optim.lr_schedule(stage.optim))  # one program, not one per op
+    tag = "" if name == "train" else f"{name}/"
+    total, batch_size = stage.optim.steps, stage.optim.batch_size
+    bar = tqdm.tqdm(total=total, initial=step, unit="step", desc=name,
+                    disable=not (writer is not None and progress), dynamic_ncols=True)
+    pending, tick = [], time.perf_counter()
+    clock = tick
+    while step < total:
+        state["params"], state["opt_state"], step_metrics = train_step(
+            state["params"], state["opt_state"], to_global(next(train_iter), sharding))
+        step += 1
+        pending.append(step_metrics)
+        bar.update()
+        if step % config.log.every == 0 or step == total:
+            fetched = jax.device_get(pending)
+            if all(m["skipped"] for m in fetched):
+                bar.close()  # before the message, which must be the last line a user sees
+                raise FloatingPointError(
+                    f"{'' if name == 'train' else name + ': '}loss, gradients or parameters not "
+                    f"finite in steps {step - len(fetched) + 1}-{step}; stopping with the last "
+                    f"good parameters in {os.fspath(mngr.directory)}. "
+                    "Lower optim.lr or check the data.")
+            mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+            mean["examples_per_s"] = len(fetched) * batch_size / (time.perf_counter() - tick)
+            mean["lr"] = float(schedule(step))
+            pending, tick = [], time.perf_counter()
+            if writer is not None:
+                for k, v in mean.items():
+                    writer.add_scalar(f"{tag}train/{k}", v, step)
+            bar.set_postfix(loss=f"{mean['loss']:.4f}", ex_s=f"{mean['examples_per_s']:.1f}")
+        if step % stage.checkpoint.every == 0 or step == total:
+            jax.block_until_ready(state)  # stop the clock when the steps' work is done
+            seconds += time.perf_counter() - clock
+            result, picture = evaluate(state["params"])
+            result["train_seconds"] = seconds
+            bar.write(f"{name} step {step}: "
+                      + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+            if writer is not None:
+                for k, v in result.items():
+                    if np.isfinite(v):  # AUC is undefined on a one-class fold
+                        writer.add_scalar(tag + k.replace("_", "/", 1), v, step)
+                if picture is not None:
+                    writer.add_image(f"{tag}val/vertebrae_true_vs_pred", picture, step,
+                                     dataformats="HWC")
+            checkpoints.save(mngr, step, state, train_iter, config, result)
+            clock = tick = time.perf_counter()  # evaluation time is not training time
+    bar.close()
+    mngr.wait_until_finished()
+    return state, seconds
+
+
 # ---------------------------------------------------------------------------- the run
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        progress: bool = True) -> dict[str, float]:
@@ -170,18 +255,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               f"devices in {num_processes} process(es); {len(train_entries)} train / "
               f"{len(held_out)} held-out studies; cache {cache_dir}")
 
-    # Steps: plain jit over the split state, donating the old state's buffers.
-    train_step = jax.jit(make_train_step(graphdef, tx, config), donate_argnums=(0, 1),
-                         out_shardings=(replicated, replicated, replicated))
+    # Steps: the train step is jitted by `train_loop`; evaluation's here.
     eval_step = jax.jit(make_eval_step(graphdef), out_shardings=replicated)
 
     # Checkpoint: resume from the latest step, the data iterator rewound with it.
     mngr = checkpoints.manager(workdir, config.checkpoint.keep)
-    step = mngr.latest_step() or 0
-    if step:
-        state = checkpoints.restore(mngr, step, state, train_iter)
-        if chief:
-            print(f"resumed from step {step} of {workdir}")
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if chief else None
 
     # Evals: held-out competition loss and AUC on evenly spaced slices, one picture.
@@ -201,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             index = batch["study_index"][global_rows]
             probs[index[index >= 0]] = out[index >= 0]
             masked = np.flatnonzero(batch["has_mask"][global_rows] * (index >= 0))
-            if picture is None and len(masked):
+            if picture is None and len(masked) and config.log.images:
                 row = global_rows[masked[0]]
                 s = int(np.argmax((batch["mask"][row] > 0).sum(axis=(1, 2))))
                 centre = (config.data.context // 2) * len(config.data.windows)
@@ -212,55 +290,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                   "val_auc_patient_overall": metrics.auc(held_out_labels[:, 0], probs[:, 0])}
         return result, picture
 
-    # Loop. `train_seconds`, the wall time spent training (evaluations and saves excluded),
-    # goes into every checkpoint's metrics and carries over a resume.
-    train_seconds = (mngr.metrics(step) or {}).get("train_seconds", 0.0) if step else 0.0
-    total = config.optim.steps
-    schedule = jax.jit(optim.lr_schedule(config.optim))  # one program, not one per op
-    bar = tqdm.tqdm(total=total, initial=step, unit="step", desc="train",
-                    disable=not (chief and progress), dynamic_ncols=True)
-    pending, tick = [], time.perf_counter()
-    clock = tick
-    while step < total:
-        state["params"], state["opt_state"], step_metrics = train_step(
-            state["params"], state["opt_state"], to_global(next(train_iter), data_sharding))
-        step += 1
-        pending.append(step_metrics)
-        bar.update()
-        if step % config.log.every == 0 or step == total:
-            fetched = jax.device_get(pending)
-            if all(m["skipped"] for m in fetched):
-                bar.close()  # before the message, which must be the last line a user sees
-                raise FloatingPointError(
-                    f"loss, gradients or parameters not finite in steps "
-                    f"{step - len(fetched) + 1}-{step}; "
-                    f"stopping with the last good parameters in {workdir}/checkpoints. "
-                    "Lower optim.lr or check the data.")
-            mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            mean["examples_per_s"] = len(fetched) * global_batch / (time.perf_counter() - tick)
-            mean["lr"] = float(schedule(step))
-            pending, tick = [], time.perf_counter()
-            if writer is not None:
-                for k, v in mean.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-            bar.set_postfix(loss=f"{mean['loss']:.4f}", ex_s=f"{mean['examples_per_s']:.1f}")
-        if step % config.checkpoint.every == 0 or step == total:
-            jax.block_until_ready(state)  # stop the clock when the steps' work is done
-            train_seconds += time.perf_counter() - clock
-            result, picture = run_eval(state["params"])
-            result["train_seconds"] = train_seconds
-            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
-            if writer is not None:
-                for k, v in result.items():
-                    if np.isfinite(v):  # AUC is undefined on a one-class fold
-                        writer.add_scalar(k.replace("_", "/", 1), v, step)
-                if picture is not None and config.log.images:
-                    writer.add_image("val/vertebrae_true_vs_pred", picture, step,
-                                     dataformats="HWC")
-            checkpoints.save(mngr, step, state, train_iter, config, result)
-            clock = tick = time.perf_counter()  # evaluation time is not training time
-    bar.close()
-    mngr.wait_until_finished()
+    # Loop.
+    state, _ = train_loop("train", config, config, make_train_step(graphdef, tx, config),
+                          state, train_iter, mngr, run_eval, data_sharding, writer,
+                          progress=progress)
 
     # Final: the best checkpoint on every slice of every held-out study.
     best = checkpoints.best_step(mngr)

@@ -75,62 +75,6 @@ def make_stage_step(config: ml_collections.ConfigDict, part: str,
     return tx, step
 
 
-def _train_stage(name: str, stage: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                 step_fn: Callable, state: dict, train_iter, mngr, evaluate: Callable,
-                 seconds: float, sharding: NamedSharding, writer: SummaryWriter | None,
-                 progress: bool) -> tuple[dict, float]:
-    """Trains one stage from its latest checkpoint in `mngr` to `stage.optim.steps`.
-
-    `evaluate(params) -> {val_loss, ...}` runs at every checkpoint, off the clock. Returns the
-    final state and the clock: `seconds` (training before this stage) plus this stage's time.
-    """
-    step = mngr.latest_step() or 0
-    if step:
-        state = checkpoints.restore(mngr, step, state, train_iter)
-        seconds = mngr.metrics(step)["train_seconds"]
-    replicated = NamedSharding(sharding.mesh, P())
-    train_step = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(replicated,) * 3)
-    total, batch_size = stage.optim.steps, stage.optim.batch_size
-    bar = tqdm.tqdm(total=total, initial=step, unit="step", desc=name,
-                    disable=not (writer is not None and progress), dynamic_ncols=True)
-    pending, tick = [], time.perf_counter()
-    clock = tick
-    while step < total:
-        state["params"], state["opt_state"], step_metrics = train_step(
-            state["params"], state["opt_state"], trainer.to_global(next(train_iter), sharding))
-        step += 1
-        pending.append(step_metrics)
-        bar.update()
-        if step % config.log.every == 0 or step == total:
-            fetched = jax.device_get(pending)
-            if all(m["skipped"] for m in fetched):
-                bar.close()
-                raise FloatingPointError(f"{name}: loss, gradients or parameters not finite in "
-                                         f"steps {step - len(fetched) + 1}-{step}")
-            mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            mean["examples_per_s"] = len(fetched) * batch_size / (time.perf_counter() - tick)
-            pending, tick = [], time.perf_counter()
-            if writer is not None:
-                for k, v in mean.items():
-                    writer.add_scalar(f"{name}/train/{k}", v, step)
-            bar.set_postfix(loss=f"{mean['loss']:.4f}", ex_s=f"{mean['examples_per_s']:.1f}")
-        if step % stage.checkpoint.every == 0 or step == total:
-            jax.block_until_ready(state)  # stop the clock when the steps' work is done
-            seconds += time.perf_counter() - clock
-            result = {**evaluate(state["params"]), "train_seconds": seconds}
-            bar.write(f"{name} step {step}: "
-                      + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
-            if writer is not None:
-                for k, v in result.items():
-                    if np.isfinite(v):
-                        writer.add_scalar(f"{name}/{k}", v, step)
-            checkpoints.save(mngr, step, state, train_iter, config, result)
-            clock = tick = time.perf_counter()
-    bar.close()
-    checkpoints.close(mngr)
-    return state, seconds
-
-
 # ---------------------------------------------------------------------------- the run
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        progress: bool = True) -> dict[str, float]:
@@ -195,7 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     seg_terms = jax.jit(lambda params, batch: two_stage.segmenter_loss(
         nnx.merge(seg_graphdef, params["segmenter"]), batch, dict(config.stage1.loss))[1])
 
-    def evaluate_stage1(params) -> dict[str, float]:
+    def evaluate_stage1(params) -> tuple[dict[str, float], None]:
         params, sums = jax.device_get(params), {}
         for batch in pipeline.iterate(pipeline.eval_dataset(masked_held_out, config.data,
                                                             config.stage1.optim.batch_size)):
@@ -203,13 +147,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 sums[k] = sums.get(k, 0.0) + float(v) * len(batch["study_index"])
         result = {f"val_{k}": v / len(masked_held_out) for k, v in sums.items()}
         return {"val_loss": sum(config.stage1.loss[k] * result[f"val_{k}"] for k in sums),
-                **result}
+                **result}, None
 
-    state, seconds = _train_stage(
+    mngr = checkpoints.manager(os.path.join(workdir, "stage1"), config.stage1.checkpoint.keep)
+    state, seconds = trainer.train_loop(
         "stage1", config.stage1, config, step1, state,
-        train_iter(masked, config.stage1.optim.batch_size),
-        checkpoints.manager(os.path.join(workdir, "stage1"), config.stage1.checkpoint.keep),
-        evaluate_stage1, 0.0, data_sharding, writer, progress)
+        train_iter(masked, config.stage1.optim.batch_size), mngr, evaluate_stage1,
+        data_sharding, writer, progress=progress)
+    checkpoints.close(mngr)
 
     # Locate: stage 1 over every slice of every training study, on the clock; the held-out
     # studies alike (once, for stage 2's evals), off the clock.
@@ -245,19 +190,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         sample=vertebrae.SampleVertebrae(held_out_located, config.data, stacks, train=False))
     held_out_labels = np.stack([e.labels for e in held_out])
 
-    def evaluate_stage2(params) -> dict[str, float]:
+    def evaluate_stage2(params) -> tuple[dict[str, float], None]:
         params, probs = jax.device_get(params), np.zeros((len(held_out), 8), np.float32)
         for batch in pipeline.iterate(eval_ds):
             probs[batch["study_index"]] = jax.device_get(classify(params, batch))
         return {"val_loss": metrics.competition_loss(held_out_labels, probs),
-                "val_auc_patient_overall": metrics.auc(held_out_labels[:, 0], probs[:, 0])}
+                "val_auc_patient_overall": metrics.auc(held_out_labels[:, 0], probs[:, 0])}, None
 
-    _train_stage(
+    mngr = checkpoints.manager(workdir, config.stage2.checkpoint.keep)
+    trainer.train_loop(
         "stage2", config.stage2, config, step2, state,
         train_iter(train_entries, config.stage2.optim.batch_size,
                    vertebrae.SampleVertebrae(located, config.data, stacks, train=True)),
-        checkpoints.manager(workdir, config.stage2.checkpoint.keep),
-        evaluate_stage2, seconds, data_sharding, writer, progress)
+        mngr, evaluate_stage2, data_sharding, writer, progress=progress, seconds=seconds)
+    checkpoints.close(mngr)
 
     # Final: the best stage-2 checkpoint on every slice of every held-out study, by the code
     # path of evaluate.py (report and submission in workdir/eval).

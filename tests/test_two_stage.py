@@ -6,6 +6,8 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -238,3 +240,42 @@ def test_evaluate_path_scores_a_two_stage_checkpoint(run):
     assert (predictions[0].segmentation == 1).all() and predictions[0].slice_logits is None
     assert np.ptp(probs[:, 1]) > 1e-4
     np.testing.assert_allclose(probs[:, 2:], two_stage.VERTEBRA_PRIOR, rtol=1e-5)
+
+
+def _train_two_stage(env, workdir, *overrides):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/two_stage_tiny.py",
+           f"--workdir={workdir}", *overrides]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_train_py_runs_both_stages_and_resumes_stage2(data_env, tmp_path):
+    """`python train.py --config=configs/two_stage_tiny.py` end to end: stage 1, locate,
+    stage 2, held-out evaluation; the clock carries from stage 1 into stage 2; a longer
+    second run keeps stage 1 and the locate pass and resumes stage 2 where it stopped."""
+    env, _ = data_env
+    workdir = tmp_path / "two_stage"
+    config = two_stage_tiny.get_config()
+    first = _train_two_stage(env, workdir)
+    assert "held-out results" in first.stdout
+    with checkpoints.manager(str(workdir / "stage1"), read_only=True) as stage1, \
+            checkpoints.manager(str(workdir), read_only=True) as stage2:
+        assert stage1.latest_step() == config.stage1.optim.steps
+        assert stage2.latest_step() == config.stage2.optim.steps
+        stage1_seconds = stage1.metrics(stage1.latest_step())["train_seconds"]
+        stage2_first = stage2.metrics(2)["train_seconds"]
+        stage2_last = stage2.metrics(stage2.latest_step())["train_seconds"]
+    located = vertebrae.load_located(str(workdir / "stage1" / "located.npz"), [])[1]
+    # Stage 2's clock starts after stage 1 and the locate pass, and keeps running.
+    assert stage1_seconds + located <= stage2_first < stage2_last
+    with open(workdir / "metrics.json") as f:
+        assert json.load(f)["step"] == config.stage2.optim.steps
+
+    steps = config.stage2.optim.steps + 2
+    second = _train_two_stage(env, workdir, f"--config.stage2.optim.steps={steps}")
+    assert f"stage1: resumed from step {config.stage1.optim.steps}" in second.stdout
+    assert f"stage2: resumed from step {config.stage2.optim.steps}" in second.stdout
+    with checkpoints.manager(str(workdir), read_only=True) as stage2:
+        assert stage2.latest_step() == steps
+        assert stage2.metrics(steps)["train_seconds"] > stage2_last

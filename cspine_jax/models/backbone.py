@@ -63,7 +63,8 @@ class Backbone(nnx.Module):
     """Stem conv (stride 2) then stages of `PreActBlock`s.
 
     (N, H, W, C) -> list of feature maps, finest first: the stem output (stride 2) and each
-    stage's output (stride 2 * prod(strides[:i+1])), as raw residual streams (not normalised).
+    stage's output (stride 2 * prod(strides[:i+1])), as raw residual streams (not normalised);
+    `feature_strides` lists those strides.
     """
 
     def __init__(self, in_features: int, widths: Sequence[int], depths: Sequence[int],
@@ -72,6 +73,7 @@ class Backbone(nnx.Module):
             raise ValueError(f"widths {widths}, depths {depths} and strides {strides} must have "
                              "one entry per stage")
         self.stem = conv(in_features, widths[0], 3, 2, dtype, rngs)
+        self.feature_strides = tuple(2 * math.prod(strides[:i]) for i in range(len(strides) + 1))
         blocks = []
         previous = widths[0]
         for width, depth, stride in zip(widths, depths, strides, strict=True):

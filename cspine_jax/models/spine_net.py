@@ -62,11 +62,8 @@ class SpineNet(nnx.Module):
         self.presence_window = cfg.get("presence_window", 3)
         self.detach_presence = cfg.get("detach_presence", True)
         self.backbone = Backbone(in_features, widths, depths, strides, group_size, dtype, rngs)
-        feature_strides = [2]
-        for stride in strides:
-            feature_strides.append(feature_strides[-1] * stride)
-        self.decoder = SegDecoder((widths[0], *widths), feature_strides, cfg.decoder_width,
-                                  group_size, dtype, rngs)
+        self.decoder = SegDecoder((widths[0], *widths), self.backbone.feature_strides,
+                                  cfg.decoder_width, group_size, dtype, rngs)
         self.classifier = SliceClassifier(widths[-1], cfg.get("head_hidden", widths[-1]),
                                           group_size, dtype, rngs)
         self.study_pool = StudyPool(cfg.get("pool_temperature", 1.0))
@@ -182,6 +179,15 @@ def slice_loss(slice_logits: jax.Array, slice_fracture: jax.Array, valid: jax.Ar
     return _masked_mean(bce, weights)
 
 
+def box_cells(fracture: jax.Array, size: int) -> jax.Array:
+    """Box masks on a coarser output grid: (B, S, H, W) -> (B, S, size, size), a cell
+    positive if any of its pixels is (boxes are thin)."""
+    factor = fracture.shape[2] // size
+    # Strided slices, not a reshape: the batch axis is sharded and must stay untouched.
+    return functools.reduce(jnp.maximum, [fracture[:, :, i::factor, j::factor]
+                                          for i in range(factor) for j in range(factor)])
+
+
 HARD_NEGATIVE_SHARE = 0.02  # share of each study's pixels that make up its negative term
 
 
@@ -191,17 +197,13 @@ def fracture_map_loss(fracture_logits: jax.Array, fracture: jax.Array, valid: ja
     the mean over each study's hardest negative pixels (the top 2 % by loss), halved.
 
     fracture_logits (B, S, h, w), fracture (B, S, H, W) 0/1, valid (B, S), located (B,) 1
-    where the fracture pixels are known (boxes, or a negative study). A cell of the output
-    grid is positive if any of its pixels is (boxes are thin). Box pixels are ~1 % of a
+    where the fracture pixels are known (boxes, or a negative study); targets by `box_cells`.
+    Box pixels are ~1 % of a
     slice and mostly bone: against a mean over all negatives (mostly air and soft tissue)
     "fire on bone" already wins, so the negative term keeps only the hardest pixels.
     """
     b, s, h, w = fracture_logits.shape
-    factor = fracture.shape[2] // h
-    # Strided slices, not a reshape: the batch axis is sharded and must stay untouched.
-    target = functools.reduce(jnp.maximum, [fracture[:, :, i::factor, j::factor]
-                                            for i in range(factor) for j in range(factor)])
-    target = target.astype(jnp.float32)
+    target = box_cells(fracture, h).astype(jnp.float32)
     bce = optax.sigmoid_binary_cross_entropy(fracture_logits.astype(jnp.float32), target)
     weights = (valid.astype(jnp.float32) * located.astype(jnp.float32)[:, None])
     weights = weights[:, :, None, None]

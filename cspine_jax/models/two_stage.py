@@ -53,10 +53,9 @@ class Segmenter(nnx.Module):
         widths = tuple(cfg["widths"])
         self.backbone = Backbone(in_features, widths, tuple(cfg["depths"]), _strides(widths),
                                  _GROUP_SIZE, dtype, rngs)
-        feature_strides = [2 * 2**i for i in range(len(widths) + 1)]
         # SegDecoder also has SpineNet's fracture channel: stage 1 leaves it untrained.
-        self.decoder = SegDecoder((widths[0], *widths), feature_strides, cfg["decoder_width"],
-                                  _GROUP_SIZE, dtype, rngs)
+        self.decoder = SegDecoder((widths[0], *widths), self.backbone.feature_strides,
+                                  cfg["decoder_width"], _GROUP_SIZE, dtype, rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.decoder(self.backbone(images))[..., :NUM_CLASSES].astype(jnp.float32)
