@@ -9,8 +9,9 @@ of start-up: imports, restore, clean-up of the last kill's leftovers), is resume
 end. After every kill, every step the checkpoint manager lists must restore; at the end the
 parameters must equal those of an uninterrupted run bitwise.
 
-Prepare (`python -m cspine_jax.data.prepare`): killed `--prepare_kills` times a random
-moment after it finished a study, that is mid-way through the next one; after every kill
+Prepare (`python -m cspine_jax.data.prepare`): killed `--prepare_kills` times at a random
+point of the study after the next two it finishes (kills after the cache is complete do not
+land: the tiny set has 12 studies); after every kill
 each study entry in the cache must equal the uninterrupted run's, file for file, and the
 rerun must complete to the same cache.
 
@@ -215,14 +216,22 @@ def assert_caches_equal(cache_dir: str | os.PathLike, reference: str | os.PathLi
 
 def kill_prepare(data: str | os.PathLike, out: str | os.PathLike, env: dict[str, str],
                  rng: random.Random, timeout_s: float = 300) -> bool:
-    """Runs prepare into `out` and kills it a random moment after it finished one more
-    study; False if it completed first."""
+    """Runs prepare into `out` and kills it at a random point of the study after the next
+    two it finishes; False if it completed first.
+
+    The delay is a random fraction of the time the second of those two studies took, not a
+    fixed span: on a fast machine a fixed 0.15 s let a tiny-phantom prepare run to its end
+    before the kill, and on a slow one it never got past the start of a study.
+    """
     done = len(_entries(Path(out)))
     proc = _start(prepare_cmd(data, out), env)
     try:
         if not _wait_for(proc, lambda: len(_entries(Path(out))) > done, timeout_s):
             return False
-        time.sleep(rng.uniform(0.0, 0.15))
+        first = time.monotonic()
+        if not _wait_for(proc, lambda: len(_entries(Path(out))) > done + 1, timeout_s):
+            return False
+        time.sleep(rng.uniform(0.0, 1.0) * (time.monotonic() - first))
         return _kill(proc)
     finally:
         if proc.poll() is None:
