@@ -104,6 +104,32 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
     return step
 
 
+# ---------------------------------------------------------------------------- set-up
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """`jax.distributed.initialize` when config.distributed names several processes (gloo
+    collectives on CPU); must run before anything touches the JAX backend."""
+    dist = config.distributed
+    if dist.num_processes > 1 and not jax.distributed.is_initialized():
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id)
+
+
+def split_studies(config: ml_collections.ConfigDict,
+                  progress: bool) -> tuple[str, list[cache.Entry], list[cache.Entry]]:
+    """(cache dir, training entries, held-out entries) of config.data: the chief process
+    prepares the cache once (generating phantoms if needed); every process then reads it."""
+    chief = jax.process_index() == 0
+    if chief:
+        cache_dir = sources.prepared_cache(config.data, progress=progress)
+    multihost_utils.sync_global_devices("cache prepared")
+    if not chief:
+        cache_dir = sources.prepared_cache(config.data, progress=False)
+    train_entries, held_out = sources.split_entries(cache.read_entries(cache_dir),
+                                                    config.data, config.seed)
+    return cache_dir, train_entries, held_out
+
+
 # ---------------------------------------------------------------------------- sharding
 def to_global(batch: Batch, sharding: NamedSharding) -> dict[str, jax.Array]:
     """This process's rows -> global arrays sharded along the batch axis."""
@@ -210,11 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Trains (or resumes) in `workdir`, then evaluates the best checkpoint on every slice of
     every held-out study. Returns the held-out metrics (also in `workdir/metrics.json`)."""
     # Distributed set-up: before anything touches the JAX backend.
-    dist = config.distributed
-    if dist.num_processes > 1 and not jax.distributed.is_initialized():
-        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id)
+    initialize_distributed(config)
     chief, num_processes = jax.process_index() == 0, jax.process_count()
     os.makedirs(workdir, exist_ok=True)
 
@@ -225,14 +247,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if global_batch % jax.device_count():
         raise ValueError(f"batch_size {global_batch} not divisible by {jax.device_count()} devices")
 
-    # Input: the chief prepares the cache once; every process then reads it.
-    if chief:
-        cache_dir = sources.prepared_cache(config.data, progress=progress)
-    multihost_utils.sync_global_devices("cache prepared")
-    if not chief:
-        cache_dir = sources.prepared_cache(config.data, progress=False)
-    train_entries, held_out = sources.split_entries(cache.read_entries(cache_dir),
-                                                    config.data, config.seed)
+    # Input: the prepared cache, split into training and held-out studies.
+    cache_dir, train_entries, held_out = split_studies(config, progress)
     train_iter = pipeline.iterate(pipeline.train_dataset(
         train_entries, config.data, seed=config.seed, global_batch=global_batch,
         process_index=jax.process_index(), process_count=num_processes), config.data.workers)

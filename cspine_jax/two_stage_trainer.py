@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
 
 from cspine_jax import checkpoints, evaluation, metrics, optim, trainer
-from cspine_jax.data import cache, pipeline, sources, vertebrae
+from cspine_jax.data import pipeline, vertebrae
 from cspine_jax.models import spine_net, two_stage
 
 
@@ -82,11 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     on every slice of every held-out study. Returns the held-out metrics (also in
     `workdir/metrics.json`)."""
     # Distributed set-up, mesh and input: as the single model's.
-    dist = config.distributed
-    if dist.num_processes > 1 and not jax.distributed.is_initialized():
-        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id)
+    trainer.initialize_distributed(config)
     chief, num_processes = jax.process_index() == 0, jax.process_count()
     os.makedirs(os.path.join(workdir, "stage1"), exist_ok=True)
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
@@ -95,13 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if stage.optim.batch_size % jax.device_count():
             raise ValueError(f"batch_size {stage.optim.batch_size} not divisible by "
                              f"{jax.device_count()} devices")
-    if chief:
-        cache_dir = sources.prepared_cache(config.data, progress=progress)
-    multihost_utils.sync_global_devices("cache prepared")
-    if not chief:
-        cache_dir = sources.prepared_cache(config.data, progress=False)
-    train_entries, held_out = sources.split_entries(cache.read_entries(cache_dir),
-                                                    config.data, config.seed)
+    cache_dir, train_entries, held_out = trainer.split_studies(config, progress)
     masked = [e for e in train_entries if e.has_mask]
     masked_held_out = [e for e in held_out if e.has_mask]
     if not masked or not masked_held_out:
