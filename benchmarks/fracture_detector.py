@@ -1,7 +1,7 @@
 """How learnable are the phantoms' fractures? The backbone + decoder's fracture map alone.
 
     python benchmarks/fracture_detector.py [--steps 800] [--strides 2,2,2,2] [--no-warp]
-        [--extra_studies 0] [--loss weighted|mil] [--eval_every 100]
+        [--extra_studies 0] [--loss weighted|mil] [--slices_per_study 1] [--eval_every 100]
 
 The single model's accuracy depends first on one skill: marking fracture pixels on a slice.
 This trains only that skill, on the default config's prepared phantoms: SpineNet's backbone
@@ -9,10 +9,12 @@ and segmentation decoder (`models.backbone`, `models.heads.SegDecoder`, its frac
 on 2.5D slices (config.data.context, both HU windows) drawn half from box slices of the
 training studies, half from other slices, with the train step's in-plane warp
 (`augment.apply_warp`, one per slice) unless --no-warp. Targets are the box masks at the
-decoder's stride; --loss weighted is pixel BCE with box pixels weighted 20x, --loss mil asks
-only the top-4 logits inside each slice's boxes to fire (multiple instance) plus the hardest
-2 % of negative pixels. --extra_studies N adds N training studies from a second phantom set
-(seed 1), generated once.
+decoder's stride; --loss weighted is the single model's `spine_net.fracture_map_loss` (pixel
+BCE, box pixels weighted 20x), --loss mil asks only the top-4 logits inside each slice's boxes
+to fire (multiple instance) plus the hardest 2 % of negative pixels. --extra_studies N adds
+N training studies from a second phantom set (seed 1), generated once. --slices_per_study K
+draws a step's slices as K slices from each of batch / K studies, as a training batch of
+whole-study bags does (the single model's `num_slices`), instead of independently.
 
 Every --eval_every steps it prints held-out AUCs on the default fold's held-out studies:
 slice (box slice or not, scored by the mean of the slice's 8 highest pixel probabilities) and
@@ -44,6 +46,8 @@ from cspine_jax.models.heads import NUM_CLASSES, SegDecoder  # noqa: E402
 
 flags.DEFINE_integer("steps", 800, "training steps")
 flags.DEFINE_integer("batch", 32, "slices per step, half of them box slices")
+flags.DEFINE_integer("slices_per_study", 1, "a step's slices come from batch / this many studies "
+                     "(half of them positive), this many each; 1: independent slices")
 flags.DEFINE_list("strides", ["2", "2", "2", "2"], "backbone stage strides (config.model)")
 flags.DEFINE_bool("warp", True, "in-plane warp (rotation, scale, shift of config.data.augment)")
 flags.DEFINE_integer("extra_studies", 0, "training studies added from phantom seed 1")
@@ -68,9 +72,10 @@ class Detector(nnx.Module):
 
 def box_slices(entries, rng, negatives_per_study: int = 12):
     """Every box slice of the positive studies plus a few others, and random slices of the
-    negative ones: (N, G, G, C) uint8 inputs, (N, G, G) uint8 box masks."""
-    inputs, targets = [], []
-    for e in entries:
+    negative ones: (N, G, G, C) uint8 inputs, (N, G, G) uint8 box masks, (N,) the index of
+    each slice's study in `entries`."""
+    inputs, targets, owners = [], [], []
+    for i, e in enumerate(entries):
         image, boxes = np.asarray(e.image()), np.asarray(e.fracture())
         on_box = boxes.any(axis=(1, 2))
         if e.labels[0] and on_box.any():
@@ -81,15 +86,16 @@ def box_slices(entries, rng, negatives_per_study: int = 12):
             z = rng.choice(len(image), negatives_per_study)
         inputs.append(pipeline.stack_context(image, z, default.get_config().data.context))
         targets.append(boxes[z])
-    return np.concatenate(inputs), np.concatenate(targets)
+        owners.append(np.full(len(z), i))
+    return np.concatenate(inputs), np.concatenate(targets), np.concatenate(owners)
 
 
 def pixel_loss(logits, boxes, kind: str):
+    if kind == "weighted":
+        ones = jnp.ones(len(logits))
+        return spine_net.fracture_map_loss(logits[:, None], boxes[:, None], ones[:, None], ones)
     target = spine_net.box_cells(boxes[:, None], logits.shape[1])[:, 0].astype(jnp.float32)
     bce = optax.sigmoid_binary_cross_entropy(logits, target)
-    if kind == "weighted":
-        w = jnp.where(target > 0, 20.0, 1.0)
-        return (w * bce).sum() / w.sum()
     inside = jnp.where(target > 0, logits, -1e9).reshape(len(target), -1)
     has_box = target.reshape(len(target), -1).max(-1)
     positive = (has_box * jax.nn.softplus(-jax.lax.top_k(inside, 4)[0].mean(-1))).sum()
@@ -113,8 +119,11 @@ def main(argv):
         extra = config.data.copy_and_resolve_references()
         extra.phantom.update(seed=1, num_studies=F.extra_studies)
         train = train + cache.read_entries(sources.prepared_cache(extra))
-    x_train, y_train = box_slices(train, np.random.default_rng(0))
-    x_held, y_held = box_slices(held_out, np.random.default_rng(1))
+    x_train, y_train, owner = box_slices(train, np.random.default_rng(0))
+    x_held, y_held, _ = box_slices(held_out, np.random.default_rng(1))
+    rows_of = [np.flatnonzero(owner == i) for i in range(len(train))]
+    studies = {label: [i for i, e in enumerate(train) if len(rows_of[i]) and e.labels[0] == label]
+               for label in (0, 1)}
     positives = np.flatnonzero(y_train.any(axis=(1, 2)))
     negatives = np.flatnonzero(~y_train.any(axis=(1, 2)))
     print(f"{len(train)} training studies ({len(x_train)} slices, {len(positives)} with boxes), "
@@ -158,7 +167,12 @@ def main(argv):
           f"{'held study':>10}")
     clock, seconds = time.perf_counter(), 0.0
     for i in range(1, F.steps + 1):
-        idx = np.concatenate([rng.choice(positives, half), rng.choice(negatives, half)])
+        if F.slices_per_study == 1:
+            idx = np.concatenate([rng.choice(positives, half), rng.choice(negatives, half)])
+        else:  # half the studies positive, each giving slices_per_study of its slices
+            picked = [rng.choice(studies[label], half // F.slices_per_study) for label in (1, 0)]
+            idx = np.concatenate([rng.choice(rows_of[i], F.slices_per_study)
+                                  for i in np.concatenate(picked)])
         x = x_train[idx].astype(np.float32) / 255
         boxes = y_train[idx].astype(np.int32)
         if aug.flip and rng.random() < 0.5:

@@ -23,11 +23,11 @@ interpolation), and their ratio. An --out that holds earlier runs resumes them. 
     time_to_quality_ratio=<single / two-stage> single_final_loss=<x> two_stage_final_loss=<y>
 with ratio=inf when the single model never reaches the baseline's final loss.
 
-Budget of the defaults on 2 CPU cores, ~30 min (measured 31 min with 6 evaluation points on a
-machine shared with other jobs, load 1-6): the single model (configs/default.py, 400 steps)
-~11 min of training; the baseline ~14 min (stage 1 300 steps ~6 min, locate ~0.5 min, stage 2
-300 steps ~7.5 min); the rest (each trainer's final evaluation, scoring 2 x 5 checkpoints, FLOP
-counts compiling each step once more) ~6 min. The phantoms and their cache, ~1.5 min, are
+Budget of the defaults on 2 CPU cores, ~17 min (measured 16.9 min with 5 evaluation points on
+a quiet machine): the single model (configs/default.py, 400 steps) ~5.5 min of training; the
+baseline ~8 min (stage 1 300 steps ~4 min, locate ~0.3 min, stage 2 300 steps ~3.7 min); the
+rest (each trainer's final evaluation, scoring 2 x 5 checkpoints, FLOP counts compiling each
+step once more) ~3 min. The phantoms and their cache, ~1.5 min, are
 made once and not counted. On an accelerator scale it up with the flags, e.g. --grid=256
 --batch=32 --single_steps=4000 --stage1_steps=1500 --stage2_steps=3000.
 """

@@ -21,12 +21,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.spacing_z = 2.0  # mm between prepared slices
     c.data.windows = ((400.0, 1800.0), (40.0, 400.0))  # (centre, width) HU: bone, soft tissue
     c.data.context = 3  # K adjacent slices stacked as channels
-    c.data.num_slices = 16  # S slices drawn along z per training example
+    # S slices drawn along z per training example: few slices of many studies. The fracture
+    # map learns from the variety of fractures in a step: with 2 studies x 16 slices a step it
+    # stayed at chance on its own training slices, the same slices mixed across studies reached
+    # slice AUC 0.8. Held-out patient AUC after 400 steps of 128 slices: 8 x 16: 0.40 (hard-
+    # negative map loss), 32 x 4: 0.60, 64 x 2: 0.70. With fracture_focus 1 the bag of a
+    # study with boxes always holds a slice of its fracture.
+    c.data.num_slices = 2
+    # S of the validation that picks the best checkpoint; the final evaluation reads every slice.
+    c.data.eval_slices = 16
     c.data.num_folds = 5
     c.data.fold = 0  # held-out fold
     c.data.workers = 0  # grain worker processes (0: in the main process)
     c.data.positive_oversample = 1.0  # sampling weight multiplier of positive studies
-    c.data.fracture_focus = 0.8  # chance a z bin holding boxed slices samples one of them
+    c.data.fracture_focus = 1.0  # chance a z bin holding boxed slices samples one of them
     # Without the in-plane warp (applied in the train step: `cspine_jax.augment`) a slice
     # classifier memorises the 192 training studies within ~300 steps and stays at chance on
     # held-out ones. shift: fraction of the grid.
@@ -43,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(study=1.0, seg_ce=1.0, seg_dice=1.0, slice=1.0, fracture_map=1.0))
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.batch_size = 8  # global, studies per step
+    c.optim.batch_size = 64  # global, studies per step
     c.optim.grad_accum = 1
     c.optim.steps = 400
     c.optim.lr = 2e-3

@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.spacing_z = 1.0
     c.data.context = 5
     c.data.num_slices = 32
+    c.data.eval_slices = 32
     c.data.workers = 8
     c.data.augment.update(rotate_deg=10.0, scale=0.1, noise=0.02)
     c.model.widths = (32, 64, 128, 256)

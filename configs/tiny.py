@@ -12,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.crop = 1.0
     c.data.spacing_z = 4.0
     c.data.num_slices = 6
+    c.data.eval_slices = 6
     c.data.num_folds = 3
     c.model.widths = (8, 16, 24, 32)
     c.model.depths = (1, 1, 1, 1)

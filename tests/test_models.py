@@ -274,7 +274,14 @@ def test_fracture_map_loss_rewards_the_box_mask():
     good = sn.fracture_map_loss(exact, batch["fracture"], batch["valid"], batch["has_boxes"])
     flat = sn.fracture_map_loss(jnp.zeros((B, S, h, h)), batch["fracture"], batch["valid"],
                                 batch["has_boxes"])
-    assert float(good) < 1e-6 and abs(float(flat) - np.log(2)) < 1e-5
+    assert float(good) < 1e-6 and abs(float(flat) - np.log(2)) < 1e-4
+    # Silent everywhere: only the box cells cost (20 each), weighted BOX_PIXEL_WEIGHT times.
+    silent = sn.fracture_map_loss(jnp.full((B, S, h, h), -20.0), batch["fracture"],
+                                  batch["valid"], batch["has_boxes"])
+    cells = np.asarray(batch["valid"] * batch["has_boxes"][:, None]).sum() * h * h
+    boxed = sn.BOX_PIXEL_WEIGHT * target.sum()
+    np.testing.assert_allclose(float(silent), 20.0 * boxed / (boxed + cells - target.sum()),
+                               rtol=1e-4)
 
 
 def test_fracture_evidence_goes_to_the_vertebra_under_it():

@@ -91,6 +91,14 @@ def test_context_channels_are_neighbouring_slices(entries):
     assert sorted(batch["study_index"].tolist()) == list(range(8))
 
 
+def test_evaluation_examples_take_eval_slices(entries):
+    data = {**DATA, "eval_slices": 7}
+    evaluation = next(pipeline.iterate(pipeline.eval_dataset(entries, data, batch_size=8)))
+    training = pipeline.train_dataset(entries, data, seed=0, global_batch=4)[0]
+    assert evaluation["image"].shape[1] == 7 and evaluation["valid"].shape == (8, 7)
+    assert training["image"].shape[1] == SLICES
+
+
 def test_deterministic_per_seed(entries):
     def first(seed):
         return _batches(pipeline.iterate(

@@ -1,10 +1,10 @@
 """Grain input pipeline: prepared studies -> batches of 2.5D slice stacks.
 
 One example is one study: S slice centres drawn along z (evenly spaced bins, jittered in
-training), each with its K neighbours stacked as channels. Every transform is a
-`MapDataset` transform keyed by the element's index, so the stream is a pure function of
-(seed, step): deterministic for any worker count, and an iterator state of a few integers
-restores it exactly.
+training; S = `num_slices`, outside training `eval_slices` where the config has it), each
+with its K neighbours stacked as channels. Every transform is a `MapDataset` transform
+keyed by the element's index, so the stream is a pure function of (seed, step): deterministic
+for any worker count, and an iterator state of a few integers restores it exactly.
 
 Example (leading batch dim B after batching):
   image:          float32 (S, G, G, K * n_windows + 1) windowed HU in ~[0, 1], channel
@@ -125,7 +125,9 @@ class SampleStudy(grain.transforms.RandomMap):
     """cache.Entry (+ its index) -> one training or evaluation example (see module doc)."""
 
     def __init__(self, data_config: Mapping[str, Any], train: bool):
-        self.num_slices = int(data_config["num_slices"])
+        # Evaluation examples may see more of a study than training ones (`eval_slices`).
+        self.num_slices = int(data_config["num_slices"] if train else
+                              data_config.get("eval_slices", data_config["num_slices"]))
         self.context = int(data_config["context"])
         self.augment = dict(data_config["augment"]) if train else None
         self.fracture_focus = float(data_config.get("fracture_focus", 0.0))

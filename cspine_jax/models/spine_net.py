@@ -188,30 +188,26 @@ def box_cells(fracture: jax.Array, size: int) -> jax.Array:
                                           for i in range(factor) for j in range(factor)])
 
 
-HARD_NEGATIVE_SHARE = 0.02  # share of each study's pixels that make up its negative term
+# Box pixels are ~1 % of a slice: weighted up so that they weigh about as much as the rest.
+# Hard-negative mining (the top 2 % of each study's negative pixels) trained the map worse:
+# 0.67 training / 0.57 held-out slice AUC after 300 detector steps against 0.82 / 0.61.
+BOX_PIXEL_WEIGHT = 20.0
 
 
 def fracture_map_loss(fracture_logits: jax.Array, fracture: jax.Array, valid: jax.Array,
                       located: jax.Array) -> jax.Array:
-    """Pixel BCE of the fracture map against the box masks: the mean over box pixels plus
-    the mean over each study's hardest negative pixels (the top 2 % by loss), halved.
+    """Pixel BCE of the fracture map against the box masks, box pixels weighted
+    `BOX_PIXEL_WEIGHT` times, over the valid slices of the studies whose fractures are
+    `located` (boxes, or a negative study: none).
 
-    fracture_logits (B, S, h, w), fracture (B, S, H, W) 0/1, valid (B, S), located (B,) 1
-    where the fracture pixels are known (boxes, or a negative study); targets by `box_cells`.
-    Box pixels are ~1 % of a
-    slice and mostly bone: against a mean over all negatives (mostly air and soft tissue)
-    "fire on bone" already wins, so the negative term keeps only the hardest pixels.
+    fracture_logits (B, S, h, w), fracture (B, S, H, W) 0/1, valid (B, S), located (B,);
+    targets by `box_cells`.
     """
-    b, s, h, w = fracture_logits.shape
-    target = box_cells(fracture, h).astype(jnp.float32)
+    target = box_cells(fracture, fracture_logits.shape[2]).astype(jnp.float32)
     bce = optax.sigmoid_binary_cross_entropy(fracture_logits.astype(jnp.float32), target)
-    weights = (valid.astype(jnp.float32) * located.astype(jnp.float32)[:, None])
-    weights = weights[:, :, None, None]
-    positive = _masked_mean(bce, weights * target)
-    negatives = (bce * weights * (1.0 - target)).reshape(b, s * h * w)
-    hardest, _ = jax.lax.top_k(negatives, max(1, int(HARD_NEGATIVE_SHARE * s * h * w)))
-    negative = _masked_mean(hardest.mean(axis=-1), located.astype(jnp.float32))
-    return 0.5 * (positive + negative)
+    weights = valid.astype(jnp.float32) * located.astype(jnp.float32)[:, None]
+    weights = weights[:, :, None, None] * jnp.where(target > 0, BOX_PIXEL_WEIGHT, 1.0)
+    return _masked_mean(bce, weights)
 
 
 def compute_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
