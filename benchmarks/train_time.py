@@ -72,7 +72,8 @@ flags.DEFINE_integer("eval_points", 5, "Checkpoints scored per run (stage 2 for 
 flags.DEFINE_integer("single_steps", 0, "Steps of the single model; 0: its config's.")
 flags.DEFINE_integer("stage1_steps", 0, "Steps of the baseline's stage 1; 0: its config's.")
 flags.DEFINE_integer("stage2_steps", 0, "Steps of the baseline's stage 2; 0: its config's.")
-flags.DEFINE_integer("batch", 0, "Global batch of every run (studies per step); 0: configs'.")
+flags.DEFINE_integer("batch", 0, "Global batch of every run (studies per step; stage 2 of "
+                     "vertebra examples: 7x as many stacks); 0: configs'.")
 flags.DEFINE_integer("grid", 0, "In-plane grid of both (data.grid); 0: the configs'.")
 FLAGS = flags.FLAGS
 
@@ -112,6 +113,8 @@ def benchmark_configs(single: ml_collections.ConfigDict, two: ml_collections.Con
         optim_config.steps = steps or optim_config.steps
         optim_config.warmup_steps = min(optim_config.warmup_steps, optim_config.steps // 4)
         optim_config.batch_size = batch or optim_config.batch_size
+    if batch and two.stage2.example == "vertebra":
+        two.stage2.optim.batch_size = 7 * batch  # the stacks of `batch` studies
     for config in (single, two):
         config.data.grid = grid or config.data.grid
     if single.data.to_dict() != two.data.to_dict():
@@ -172,15 +175,14 @@ def two_stage_flops(config: ml_collections.ConfigDict, train: list[cache.Entry],
     graphdef, state = checkpoints.state_shapes(config)
     params, abstract = state["params"], nnx.merge(graphdef, state["params"])
     out = {}
-    for name, part, entries, sample in (
-            ("stage1", "segmenter", [e for e in train if e.has_mask], None),
-            ("stage2", "classifier", train, vertebrae.SampleVertebrae(
-                located, config.data, config.model.stacks, train=True))):
-        stage = config.stage1 if name == "stage1" else config.stage2
+    for name, part, dataset in (
+            ("stage1", "segmenter", pipeline.train_dataset(
+                [e for e in train if e.has_mask], config.data, seed=0,
+                global_batch=config.stage1.optim.batch_size)),
+            ("stage2", "classifier", two_stage_trainer.stage2_dataset(config, train, located))):
         tx, step = two_stage_trainer.make_stage_step(config, part,
                                                      nnx.graphdef(getattr(abstract, part)))
-        batch = pipeline.train_dataset(entries, config.data, seed=0,
-                                       global_batch=stage.optim.batch_size, sample=sample)[0]
+        batch = dataset[0]
         out[name] = step_flops(step, params, jax.eval_shape(tx.init, params[part]),
                                _shapes(batch))
     chunk = 32
@@ -276,7 +278,8 @@ def main(argv):
               f"{steps * step_flop / 1e12:>8.2f}{seconds:>9.1f}")
     print(f"{'two-stage: total':<20}{seg_params + cls_params:>10,}{'':>34}"
           f"{sum(r[2] * r[5] for r in rows[1:]) / 1e12:>8.2f}{curves['two-stage'][1][-1]:>9.1f}")
-    print("(locate: steps = training slices read by stage 1, ex/s = slices/s)")
+    print("(locate: steps = training slices read by stage 1, ex/s = slices/s; stage 2: "
+          f"an example is {'a vertebra stack' if two.stage2.example == 'vertebra' else 'a study'})")
 
     # Curves.
     csv_path = os.path.join(out, "train_time.csv")

@@ -126,8 +126,8 @@ class TwoStagePredictor:
     def __call__(self, image: np.ndarray) -> StudyPrediction:
         """image: (z', G, G, n_windows) uint8 prepared study -> its prediction."""
         located, segmentation = self.locate(image)
-        stacks, found, _ = vertebrae.study_stacks(image, located, self.stacks_config,
-                                                  self.context)
+        stacks, found = vertebrae.study_stacks(image, located, self.stacks_config,
+                                               self.context)[:2]
         probs = self._classify(self.state, stacks, found)
         return StudyPrediction(probs=np.asarray(probs, np.float32), slice_logits=None,
                                presence=located.area, segmentation=segmentation)

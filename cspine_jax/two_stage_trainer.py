@@ -5,8 +5,10 @@ model's training is `trainer`). In the spirit of the RSNA 2022 winners:
            SpineNet's segmentation CE + Dice on `pipeline` batches (S slices per study);
   locate   the trained segmenter over every prepared slice of every training study: per-slice
            vertebra presence and per-vertebra boxes (`data.vertebrae.Located`), kept on disk;
-  stage 2  the classifier (its own backbone + BiGRU) on the seven vertebra stacks of every
-           training study (`data.vertebrae`), the competition's weighted log loss on train.csv.
+  stage 2  the classifier (its own backbone + BiGRU) on the vertebra stacks of the training
+           studies (`data.vertebrae`; `stage2.example`: single stacks shuffled across studies
+           with their C1..C7 labels, or each study's seven stacks with the competition's
+           weighted log loss), plus a per-slice BCE on the boxed slices.
 
 Both stages run the single model's machinery: one data-parallel mesh and the same sharded jit
 step (`trainer.make_train_step` with the stage's loss), AdamW (`optim`), Orbax checkpoints with
@@ -35,6 +37,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import grain
 import ml_collections
 import numpy as np
 import optax
@@ -64,7 +67,9 @@ def make_stage_step(config: ml_collections.ConfigDict, part: str,
         stage = config.stage1
         loss_fn = functools.partial(two_stage.segmenter_loss, weights=dict(stage.loss))
     else:
-        stage, loss_fn = config.stage2, two_stage.classifier_loss
+        stage = config.stage2
+        loss_fn = functools.partial(two_stage.vertebra_loss if stage.example == "vertebra"
+                                    else two_stage.classifier_loss, weights=dict(stage.loss))
     tx = optim.make_optimizer(stage.optim)
     part_step = trainer.make_train_step(graphdef, tx, stage, loss_fn)
 
@@ -73,6 +78,22 @@ def make_stage_step(config: ml_collections.ConfigDict, part: str,
         return params, opt_state, out
 
     return tx, step
+
+
+def stage2_dataset(config: ml_collections.ConfigDict, entries: list, located: dict,
+                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Stage 2's training batches by `config.stage2.example`: 'vertebra', single vertebra
+    stacks shuffled across studies (`vertebrae.vertebra_train_dataset`); 'study', the seven
+    stacks of each study (`vertebrae.SampleVertebrae`). batch_size counts examples."""
+    kwargs = dict(seed=config.seed, global_batch=config.stage2.optim.batch_size,
+                  process_index=process_index, process_count=process_count)
+    if config.stage2.example == "vertebra":
+        return vertebrae.vertebra_train_dataset(entries, located, config.data,
+                                                config.model.stacks, **kwargs)
+    if config.stage2.example != "study":
+        raise ValueError(f"stage2.example {config.stage2.example!r}: 'vertebra' or 'study'")
+    return pipeline.train_dataset(entries, config.data, sample=vertebrae.SampleVertebrae(
+        located, config.data, config.model.stacks, train=True), **kwargs)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -98,11 +119,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         raise ValueError("stage 1 needs studies with masks in both the training and the "
                          "held-out studies")
 
-    def train_iter(entries, batch_size, sample=None):
-        return pipeline.iterate(pipeline.train_dataset(
-            entries, config.data, seed=config.seed, global_batch=batch_size,
-            process_index=jax.process_index(), process_count=num_processes, sample=sample),
-            config.data.workers)
 
     # Model: both stages in one parameter tree; each stage's step trains its part.
     abstract = nnx.eval_shape(lambda: two_stage.create_model(config, config.seed))
@@ -142,7 +158,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mngr = checkpoints.manager(os.path.join(workdir, "stage1"), config.stage1.checkpoint.keep)
     state, seconds = trainer.train_loop(
         "stage1", config.stage1, config, step1, state,
-        train_iter(masked, config.stage1.optim.batch_size), mngr, evaluate_stage1,
+        pipeline.iterate(pipeline.train_dataset(
+            masked, config.data, seed=config.seed, global_batch=config.stage1.optim.batch_size,
+            process_index=jax.process_index(), process_count=num_processes),
+            config.data.workers), mngr, evaluate_stage1,
         data_sharding, writer, progress=progress)
     checkpoints.close(mngr)
 
@@ -190,8 +209,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mngr = checkpoints.manager(workdir, config.stage2.checkpoint.keep)
     trainer.train_loop(
         "stage2", config.stage2, config, step2, state,
-        train_iter(train_entries, config.stage2.optim.batch_size,
-                   vertebrae.SampleVertebrae(located, config.data, stacks, train=True)),
+        pipeline.iterate(stage2_dataset(config, train_entries, located, jax.process_index(),
+                                        num_processes), config.data.workers),
         mngr, evaluate_stage2, data_sharding, writer, progress=progress, seconds=seconds)
     checkpoints.close(mngr)
 

@@ -189,18 +189,32 @@ def oversampled(entries: Sequence[cache.Entry], factor: float, seed: int) -> lis
 def train_dataset(entries: Sequence[cache.Entry], data_config: Mapping[str, Any], *, seed: int,
                   global_batch: int, process_index: int = 0, process_count: int = 1,
                   sample: grain.transforms.RandomMap | None = None) -> grain.MapDataset:
-    """Infinite, shuffled, augmented batches of this process's share of each global batch.
+    """Infinite, shuffled, augmented batches of studies (`train_stream` over the entries,
+    positive studies oversampled by `positive_oversample`).
+
+    `sample` turns an (index, entry) into an example; default `SampleStudy` in training mode.
+    """
+    indexed = _with_index(entries)
+    order = oversampled(entries, float(data_config["positive_oversample"]), seed)
+    return train_stream([indexed[i] for i in order],
+                        sample or SampleStudy(data_config, train=True), seed=seed,
+                        global_batch=global_batch, process_index=process_index,
+                        process_count=process_count)
+
+
+def train_stream(elements: Sequence[Any], sample: grain.transforms.RandomMap, *, seed: int,
+                 global_batch: int, process_index: int = 0,
+                 process_count: int = 1) -> grain.MapDataset:
+    """Infinite batches of `sample(element)` over `elements` shuffled anew each epoch: this
+    process's share of each global batch.
 
     Process p takes elements p, p + P, p + 2P, ... of the global stream, so the union over
     processes of step t's batches is exactly the global batch t of a single process.
-    `sample` turns an (index, entry) into an example; default `SampleStudy` in training mode.
     """
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} not divisible by {process_count} processes")
-    indexed = _with_index(entries)
-    order = oversampled(entries, float(data_config["positive_oversample"]), seed)
-    ds = grain.MapDataset.source([indexed[i] for i in order]).shuffle(seed=seed).repeat(None)
-    ds = ds.random_map(sample or SampleStudy(data_config, train=True), seed=seed)
+    ds = grain.MapDataset.source(list(elements)).shuffle(seed=seed).repeat(None)
+    ds = ds.random_map(sample, seed=seed)
     ds = ds[process_index::process_count]
     return ds.batch(global_batch // process_count, drop_remainder=True)
 

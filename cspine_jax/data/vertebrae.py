@@ -2,14 +2,14 @@
 
 Stage 1 (a segmenter) labels every prepared slice of a study: `Located` holds, per slice, the
 share of its pixels labelled as each vertebra and, per vertebra, the in-plane box of those
-pixels. A stage-2 example is one study as seven stacks, one per vertebra C1..C7: T slices sampled
-along the slices where stage 1 finds the vertebra (one per equal bin, as
-`pipeline.sample_centres`; in training jittered and drawn to boxed fracture slices as the
-single model's are), each with its K neighbours as channels, cropped in-plane to the
-vertebra's box and resampled to c x c pixels. Training and inference build stacks with the
-same function, `study_stacks`.
+pixels. A vertebra's stack is T slices sampled along the slices where stage 1 finds it (one
+per equal bin, as `pipeline.sample_centres`; in training jittered and drawn to boxed fracture
+slices as the single model's are), each with its K neighbours as channels, cropped in-plane to
+the vertebra's box and resampled to c x c pixels. Training and inference build stacks with the
+same function, `vertebra_stack`.
 
-Example (leading batch dim B after batching):
+A study example (`SampleVertebrae`: evaluation, and training with stage2.example 'study'),
+with leading batch dim B after batching:
   image:        float32 (7, T, c, c, K * n_windows + 1) windowed HU in ~[0, 1], then the
                 slice's relative z position (`pipeline.add_position`)
   found:        float32 (7,) 1 where stage 1 found the vertebra (else its stack is all zeros)
@@ -17,6 +17,9 @@ Example (leading batch dim B after batching):
                 (`augment.apply_warp`); `pipeline.NO_WARP` outside training
   labels:       float32 (8,) [patient_overall, C1..C7] (zeros for unlabelled studies)
   study_index:  int32   () the study's index in the entry list given to the dataset
+A vertebra example (`SampleVertebra`: training with stage2.example 'vertebra') is one found
+vertebra's stack: image (T, c, c, C), warp (4,), level int32 () 0-6, label float32 () its
+C1..C7 label, study_index.
 """
 
 from __future__ import annotations
@@ -100,46 +103,81 @@ def crop_box(stacks: np.ndarray, box: np.ndarray, margin: float, size: int) -> n
     return rows[:, :, lo] * (1 - wt)[:, None] + rows[:, :, hi] * wt[:, None]
 
 
+def vertebra_stack(image: np.ndarray, slices: np.ndarray, box: np.ndarray,
+                   stacks_config: Mapping[str, Any], context: int,
+                   rng: np.random.Generator | None = None,
+                   augment: Mapping[str, Any] | None = None, focus: np.ndarray | None = None,
+                   focus_prob: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The stack of one vertebra of a prepared study (z', G, G, W) uint8, found by stage 1 on
+    `slices` (ascending, non-empty) within `box` -> ((T, c, c, K * W + 1) float32, warp (4,),
+    the stack's slice indices (T,)).
+
+    `stacks_config`: num_slices (T), crop (c; 0 keeps the whole G x G slice), margin. With
+    `rng` the slices are jittered within their bins, a bin holding `focus` ((z',) flags:
+    boxed fracture slices) takes one of those with probability `focus_prob`, and with
+    `augment` (`data.augment`) the stack gets the single model's augmentation: flip and
+    intensity here, and a warp for the train step.
+    """
+    centres = slices[pipeline.sample_centres(
+        len(slices), int(stacks_config["num_slices"]), rng,
+        None if focus is None else focus[slices], focus_prob)]
+    stack = pipeline.stack_context(image, centres, context).astype(np.float32) / 255.0
+    if stacks_config["crop"]:
+        stack = crop_box(stack, box, stacks_config["margin"], int(stacks_config["crop"]))
+    warp = pipeline.NO_WARP
+    if augment is not None:
+        stack, _, warp = pipeline._augment(stack, (), rng, augment)
+    return pipeline.add_position(stack, centres, image.shape[0]), warp, centres
+
+
 def study_stacks(image: np.ndarray, located: Located, stacks_config: Mapping[str, Any],
                  context: int, rng: np.random.Generator | None = None,
                  augment: Mapping[str, Any] | None = None, focus: np.ndarray | None = None,
-                 focus_prob: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 focus_prob: float = 0.0) -> tuple[np.ndarray, ...]:
     """A prepared study (z', G, G, W) uint8 and stage 1's `located` -> the seven vertebra
-    stacks (7, T, c, c, K * W + 1) float32, found (7,) float32 and warps (7, 4) float32.
+    stacks (7, T, c, c, K * W + 1) float32, found (7,) float32, warps (7, 4) float32 and the
+    stacks' slice indices (7, T) int64.
 
-    `stacks_config`: num_slices (T), crop (c; 0 keeps the whole G x G slice), margin,
-    min_area. With `rng` the slices are jittered within their bins, a bin holding `focus`
-    ((z',) flags: boxed fracture slices) takes one of those with probability `focus_prob`, and
-    with `augment` (`data.augment`) each stack gets the single model's augmentation: flip and
-    intensity here, and a warp of its own for the train step.
+    Each stack as `vertebra_stack` (same arguments; `stacks_config` also has min_area); a
+    vertebra stage 1 did not find has an all-zero stack (and slice indices 0).
     """
     count, crop = int(stacks_config["num_slices"]), int(stacks_config["crop"])
     size = crop or image.shape[1]
     out = np.zeros((NUM_VERTEBRAE, count, size, size, context * image.shape[-1] + 1), np.float32)
     found = np.zeros(NUM_VERTEBRAE, np.float32)
     warps = np.tile(pipeline.NO_WARP, (NUM_VERTEBRAE, 1))
+    centres = np.zeros((NUM_VERTEBRAE, count), np.int64)
     for v, slices in enumerate(vertebra_slices(located.area, stacks_config["min_area"])):
-        if not len(slices):
-            continue
-        centres = slices[pipeline.sample_centres(
-            len(slices), count, rng, None if focus is None else focus[slices], focus_prob)]
-        stacks = pipeline.stack_context(image, centres, context).astype(np.float32) / 255.0
-        if crop:
-            stacks = crop_box(stacks, located.boxes[v], stacks_config["margin"], crop)
-        if augment is not None:
-            stacks, _, warps[v] = pipeline._augment(stacks, (), rng, augment)
-        out[v] = pipeline.add_position(stacks, centres, image.shape[0])
-        found[v] = 1.0
-    return out, found, warps
+        if len(slices):
+            out[v], warps[v], centres[v] = vertebra_stack(
+                image, slices, located.boxes[v], stacks_config, context, rng, augment, focus,
+                focus_prob)
+            found[v] = 1.0
+    return out, found, warps, centres
+
+
+def slice_labels(entry: cache.Entry, level: int, centres: np.ndarray) -> np.ndarray:
+    """(T,) float32: 1 where a fracture box touches the slice and vertebra `level` (0-6) is
+    fractured. Boxes do not say which vertebra they are on: a boxed slice of a fractured
+    vertebra's stack counts as its fracture, one of an intact vertebra's stack does not."""
+    if entry.labels is None or not entry.has_boxes:
+        return np.zeros(len(centres), np.float32)
+    boxed = np.asarray(entry.slice_fracture())[centres] > 0
+    return (boxed * entry.labels[1 + level]).astype(np.float32)
 
 
 class SampleVertebrae(grain.transforms.RandomMap):
-    """cache.Entry (+ its index) -> one stage-2 example (see module doc)."""
+    """cache.Entry (+ its index) -> one stage-2 example of the whole study (see module doc).
+
+    In training the stacks have `train_slices` slices where the stacks config sets it (else
+    num_slices, as outside training): the GRU reads any length."""
 
     def __init__(self, located: Mapping[str, Located], data_config: Mapping[str, Any],
                  stacks_config: Mapping[str, Any], train: bool):
         self.located = dict(located)
         self.stacks = dict(stacks_config)
+        if train and self.stacks.get("train_slices"):
+            self.stacks["num_slices"] = self.stacks["train_slices"]
         self.context = int(data_config["context"])
         self.augment = dict(data_config["augment"]) if train else None
         self.fracture_focus = float(data_config.get("fracture_focus", 0.0))
@@ -148,13 +186,55 @@ class SampleVertebrae(grain.transforms.RandomMap):
                    rng: np.random.Generator) -> dict[str, np.ndarray]:
         index, entry = element
         train = self.augment is not None
-        stacks, found, warps = study_stacks(
+        stacks, found, warps, centres = study_stacks(
             entry.image(), self.located[entry.uid], self.stacks, self.context,
             rng if train else None, self.augment,
             entry.slice_fracture() > 0 if train else None, self.fracture_focus)
         labels = np.zeros(8, np.float32) if entry.labels is None else entry.labels
+        slices = np.stack([slice_labels(entry, v, centres[v]) for v in range(NUM_VERTEBRAE)])
         return {"image": stacks, "found": found, "warp": warps,
-                "labels": labels.astype(np.float32), "study_index": np.int32(index)}
+                "labels": labels.astype(np.float32), "slice_fracture": slices * found[:, None],
+                "has_boxes": np.float32(entry.has_boxes), "study_index": np.int32(index)}
+
+
+class SampleVertebra(SampleVertebrae):
+    """(index, cache.Entry, vertebra 0-6) -> one stage-2 training example of one vertebra:
+    image (T, c, c, C), warp (4,), level int32 (), label float32 () (1: that vertebra is
+    fractured), slice_fracture (T,) (`slice_labels`), has_boxes (), study_index int32 ()."""
+
+    def __init__(self, located: Mapping[str, Located], data_config: Mapping[str, Any],
+                 stacks_config: Mapping[str, Any]):
+        super().__init__(located, data_config, stacks_config, train=True)
+
+    def random_map(self, element: tuple[int, cache.Entry, int],
+                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+        index, entry, v = element
+        located = self.located[entry.uid]
+        slices = vertebra_slices(located.area, self.stacks["min_area"])[v]
+        stack, warp, centres = vertebra_stack(entry.image(), slices, located.boxes[v],
+                                              self.stacks, self.context, rng, self.augment,
+                                              entry.slice_fracture() > 0, self.fracture_focus)
+        label = 0.0 if entry.labels is None else entry.labels[1 + v]
+        return {"image": stack, "warp": warp, "level": np.int32(v),
+                "label": np.float32(label), "slice_fracture": slice_labels(entry, v, centres),
+                "has_boxes": np.float32(entry.has_boxes), "study_index": np.int32(index)}
+
+
+def vertebra_train_dataset(entries: Sequence[cache.Entry], located: Mapping[str, Located],
+                           data_config: Mapping[str, Any], stacks_config: Mapping[str, Any], *,
+                           seed: int, global_batch: int, process_index: int = 0,
+                           process_count: int = 1) -> grain.MapDataset:
+    """Infinite, shuffled batches of single vertebra stacks (`SampleVertebra`): every vertebra
+    stage 1 found in every study, shuffled across studies, so that a batch of B stacks comes
+    from ~B studies (a detector trained on a few studies' slices a step does not learn:
+    README). Sharded over processes as `pipeline.train_dataset`."""
+    min_area = stacks_config["min_area"]
+    elements = [(i, e, v) for i, e in enumerate(entries)
+                for v, slices in enumerate(vertebra_slices(located[e.uid].area, min_area))
+                if len(slices)]
+    return pipeline.train_stream(elements, SampleVertebra(located, data_config, stacks_config),
+                                 seed=seed, global_batch=global_batch,
+                                 process_index=process_index, process_count=process_count)
 
 
 def save_located(path: str, located: Mapping[str, Located], seconds: float) -> None:

@@ -120,7 +120,7 @@ def param_count(model: nnx.Module | nnx.State) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
 
 
-def _masked_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
+def masked_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
     """sum(w * x) / sum(w), 0 when sum(w) == 0."""
     return (weights * x).sum() / jnp.maximum(weights.sum(), 1.0)
 
@@ -165,7 +165,7 @@ def segmentation_losses(seg_logits: jax.Array, mask: jax.Array, valid: jax.Array
     dice_loss = (present * (1.0 - dice)).sum(-1) / jnp.maximum(present.sum(-1), 1.0)
 
     has_mask = has_mask.astype(jnp.float32)
-    return _masked_mean(ce, has_mask), _masked_mean(dice_loss, has_mask)
+    return masked_mean(ce, has_mask), masked_mean(dice_loss, has_mask)
 
 
 def slice_loss(slice_logits: jax.Array, slice_fracture: jax.Array, valid: jax.Array,
@@ -176,7 +176,7 @@ def slice_loss(slice_logits: jax.Array, slice_fracture: jax.Array, valid: jax.Ar
     any_logit = noisy_or_logit(slice_logits.astype(jnp.float32), axis=-1)
     bce = optax.sigmoid_binary_cross_entropy(any_logit, slice_fracture.astype(jnp.float32))
     weights = valid.astype(jnp.float32) * located.astype(jnp.float32)[:, None]
-    return _masked_mean(bce, weights)
+    return masked_mean(bce, weights)
 
 
 def box_cells(fracture: jax.Array, size: int) -> jax.Array:
@@ -207,7 +207,7 @@ def fracture_map_loss(fracture_logits: jax.Array, fracture: jax.Array, valid: ja
     bce = optax.sigmoid_binary_cross_entropy(fracture_logits.astype(jnp.float32), target)
     weights = valid.astype(jnp.float32) * located.astype(jnp.float32)[:, None]
     weights = weights[:, :, None, None] * jnp.where(target > 0, BOX_PIXEL_WEIGHT, 1.0)
-    return _masked_mean(bce, weights)
+    return masked_mean(bce, weights)
 
 
 def compute_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],

@@ -22,10 +22,12 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from absl import logging
 from flax import nnx
 
 from cspine_jax import augment
+from cspine_jax.data.rsna import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS
 from cspine_jax.models import spine_net
 from cspine_jax.models.backbone import Backbone, group_norm
 from cspine_jax.models.heads import (
@@ -40,6 +42,8 @@ _GROUP_SIZE = 16  # GroupNorm channels per group, as SpineNet's default
 # vertebra logits, whose noisy-OR (~0.5) is near the share of positive studies, as SpineNet's
 # initial study logits are.
 VERTEBRA_PRIOR = 0.1
+# Share of a stack's slices that a fracture box touches (the initial slice logits).
+SLICE_PRIOR = 0.05
 
 
 def _strides(widths) -> tuple[int, ...]:
@@ -93,27 +97,53 @@ class VertebraClassifier(nnx.Module):
         # An explicit dtype: a weak-typed parameter turns strong at its first update, and the
         # train step would compile a second time.
         self.bias = nnx.Param(jnp.full((NUM_VERTEBRAE,), prior, jnp.float32))
+        # Per-slice fracture logits along the stack, trained where boxes exist (as SpineNet's
+        # slice and map losses): the boxes' slice-level supervision, which the study labels
+        # alone spread over 7 x 12 slices.
+        slice_prior = math.log(SLICE_PRIOR / (1 - SLICE_PRIOR))
+        self.slice_out = nnx.Linear(2 * hidden, 1, dtype=dtype,
+                                    kernel_init=nnx.initializers.zeros_init(),
+                                    bias_init=nnx.initializers.constant(slice_prior), rngs=rngs)
         self.overall_scale = nnx.Param(jnp.ones(()))
         self.overall_bias = nnx.Param(jnp.zeros(()))
 
-    def __call__(self, stacks: jax.Array, found: jax.Array) -> jax.Array:
-        b, v, t = stacks.shape[:3]
-        x = nnx.silu(self.norm(self.backbone(stacks.reshape(b * v * t, *stacks.shape[3:]))[-1]))
+    def vertebra_logits(self, stacks: jax.Array,
+                        levels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Stacks (N, T, c, c, C) of vertebrae `levels` (N,) int 0-6 -> (N,) float32 logits,
+        the per-level bias included, and (N, T) float32 per-slice fracture logits."""
+        n, t = stacks.shape[:2]
+        x = nnx.silu(self.norm(self.backbone(stacks.reshape(n * t, *stacks.shape[2:]))[-1]))
         x = self.embed(jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1))
-        x = x.reshape(b, v, t, -1) + self.level(jnp.arange(v))[None, :, None]
-        x = nnx.silu(x).reshape(b * v, t, -1)
-        carry = jnp.zeros((b * v, self.hidden), x.dtype)
-        x = self.gru(x, initial_carry=(carry, carry))  # (b * v, t, 2 * hidden)
+        # One-hot products, not gathers: a gather at indices sharded over the batch has no
+        # sharding rule.
+        level = jax.nn.one_hot(levels, NUM_VERTEBRAE, dtype=jnp.float32)
+        embedding = level.astype(x.dtype) @ self.level.embedding[...].astype(x.dtype)
+        x = nnx.silu(x.reshape(n, t, -1) + embedding[:, None])
+        carry = jnp.zeros((n, self.hidden), x.dtype)
+        x = self.gru(x, initial_carry=(carry, carry))  # (n, t, 2 * hidden)
+        slices = self.slice_out(x)[..., 0].astype(jnp.float32)
         x = jnp.concatenate([x.mean(axis=1), x.max(axis=1)], axis=-1)
+        return self.out(x)[:, 0].astype(jnp.float32) + level @ self.bias[...], slices
+
+    def __call__(self, stacks: jax.Array, found: jax.Array) -> jax.Array:
+        return self.study_and_slices(stacks, found)[0]
+
+    def study_and_slices(self, stacks: jax.Array,
+                         found: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """stacks (B, 7, T, c, c, C), found (B, 7) -> study logits (B, 8) and per-slice
+        fracture logits (B, 7, T), float32."""
+        b, v, t = stacks.shape[:3]
+        # A reshape that splits the sharded batch axis has a sharding rule; one that also
+        # drops a size-1 axis has not: vertebra_logits returns (N,), not (N, 1).
+        vertebra, slices = self.vertebra_logits(stacks.reshape(b * v, *stacks.shape[2:]),
+                                                jnp.tile(jnp.arange(v), b))
+        vertebra, slices = vertebra.reshape(b, v), slices.reshape(b, v, t)
         bias = self.bias[...]
-        # [:, 0] first: a reshape that splits the sharded batch axis and drops a size-1 axis
-        # at once has no sharding rule.
-        vertebra = self.out(x)[:, 0].reshape(b, v).astype(jnp.float32) + bias
         # A vertebra stage 1 did not find has an all-zero stack: it gets its prior only.
         vertebra = jnp.where(found > 0, vertebra, bias)
         overall = (self.overall_scale[...] * noisy_or_logit(vertebra, axis=-1)
                    + self.overall_bias[...])
-        return jnp.concatenate([overall[:, None], vertebra], axis=-1)
+        return jnp.concatenate([overall[:, None], vertebra], axis=-1), slices
 
 
 class TwoStageModel(nnx.Module):
@@ -154,15 +184,46 @@ def segmenter_loss(segmenter: Segmenter, batch: dict[str, jax.Array],
     return sum(weights[k] * v for k, v in terms.items()), terms
 
 
-def classifier_loss(classifier: VertebraClassifier,
-                    batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Stage 2's loss on a `vertebrae` training batch, each stack warped by its own `warp`:
-    the competition's weighted log loss."""
-    image = batch["image"]
-    b, v = image.shape[:2]
-    stacks = augment.apply_warp({"image": image.reshape(b * v, *image.shape[2:]),
-                                 "warp": batch["warp"].reshape(b * v, -1)},
-                                image.shape[-1] - 1)["image"]
-    logits = classifier(stacks.reshape(image.shape), batch["found"])
-    loss = spine_net.study_loss(logits, batch["labels"])
-    return loss, {"study": loss}
+def _warped(image: jax.Array, warp: jax.Array) -> jax.Array:
+    """Stacks (..., T, c, c, C) each warped by its own `warp` (..., 4), the position channel
+    left as it is."""
+    lead = image.shape[:-4]
+    flat = {"image": image.reshape(-1, *image.shape[-4:]), "warp": warp.reshape(-1, 4)}
+    return augment.apply_warp(flat, image.shape[-1] - 1)["image"].reshape(image.shape)
+
+
+def _slice_loss(slice_logits: jax.Array, batch: dict[str, jax.Array],
+                found: jax.Array) -> jax.Array:
+    """BCE of per-slice logits (..., T) against `slice_fracture` on the found stacks of studies
+    with boxes; `found` (...) 0/1."""
+    bce = optax.sigmoid_binary_cross_entropy(slice_logits, batch["slice_fracture"])
+    weights = found * batch["has_boxes"].reshape(batch["has_boxes"].shape
+                                                 + (1,) * (found.ndim - 1))
+    return spine_net.masked_mean(bce, jnp.broadcast_to(weights[..., None], bce.shape))
+
+
+def classifier_loss(classifier: VertebraClassifier, batch: dict[str, jax.Array],
+                    weights: Mapping[str, float]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Stage 2's loss on a batch of study examples (`vertebrae.SampleVertebrae`), each stack
+    warped by its own `warp`: the competition's weighted log loss (`study`) and the per-slice
+    BCE (`slice`), weighted by `weights`."""
+    study, slices = classifier.study_and_slices(_warped(batch["image"], batch["warp"]),
+                                                batch["found"])
+    terms = {"study": spine_net.study_loss(study, batch["labels"]),
+             "slice": _slice_loss(slices, batch, batch["found"])}
+    return sum(weights[k] * v for k, v in terms.items()), terms
+
+
+def vertebra_loss(classifier: VertebraClassifier, batch: dict[str, jax.Array],
+                  weights: Mapping[str, float]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Stage 2's loss on a batch of vertebra examples (`vertebrae.SampleVertebra`), each stack
+    warped by its own `warp`: the competition's weighting of a vertebra label (positive 2,
+    negative 1), sum(w * bce) / sum(w) over the batch (`study`: patient_overall is not
+    trained, it is the noisy-OR of the seven vertebrae), and the per-slice BCE (`slice`)."""
+    logits, slices = classifier.vertebra_logits(_warped(batch["image"], batch["warp"]),
+                                                batch["level"])
+    label = batch["label"]
+    w = jnp.where(label > 0.5, POSITIVE_WEIGHTS[1], NEGATIVE_WEIGHTS[1])
+    terms = {"study": (w * optax.sigmoid_binary_cross_entropy(logits, label)).sum() / w.sum(),
+             "slice": _slice_loss(slices, batch, jnp.ones_like(label))}
+    return sum(weights[k] * v for k, v in terms.items()), terms
