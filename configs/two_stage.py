@@ -54,7 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
     # patient_overall, the untrained noisy-OR, is miscalibrated); previously 8 studies x 12
     # slices, no slice loss: 0.5381-0.5396.
     c.stage2.example = "study"
+    c.stage2.optim = single.optim.copy_and_resolve_references()
     c.stage2.optim.update(steps=300, warmup_steps=30, batch_size=56)
+    # study: the competition loss (a vertebra example: its vertebra's term); slice: BCE of the
+    # per-slice logits on boxed slices, the box supervision SpineNet gets (slice and map losses).
+    c.stage2.loss = ml_collections.ConfigDict(dict(study=1.0, slice=1.0))
     c.stage2.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=2))
 
     c.log = single.log

@@ -233,7 +233,7 @@ def test_vertebra_examples_mix_studies_and_carry_their_level_label(data_env):
     seen = []
     for t in range(len(found) // batch_size):
         batch = ds[t]
-        assert batch["image"].shape == (batch_size, stacks.num_slices, stacks.crop,
+        assert batch["image"].shape == (batch_size, stacks.train_slices, stacks.crop,
                                         stacks.crop, spine_net.input_channels(config))
         assert batch["warp"].shape == (batch_size, 4)
         for i, v, label in zip(batch["study_index"], batch["level"], batch["label"],
