@@ -36,8 +36,8 @@ import os
 import time
 from collections.abc import Callable
 
-import jax
 import grain
+import jax
 import ml_collections
 import numpy as np
 import optax
@@ -68,8 +68,8 @@ def make_stage_step(config: ml_collections.ConfigDict, part: str,
         loss_fn = functools.partial(two_stage.segmenter_loss, weights=dict(stage.loss))
     else:
         stage = config.stage2
-        loss_fn = functools.partial(two_stage.vertebra_loss if stage.example == "vertebra"
-                                    else two_stage.classifier_loss, weights=dict(stage.loss))
+        loss_fn = functools.partial(_STAGE2_LOSSES[stage2_example(config)],
+                                    weights=dict(stage.loss))
     tx = optim.make_optimizer(stage.optim)
     part_step = trainer.make_train_step(graphdef, tx, stage, loss_fn)
 
@@ -80,6 +80,18 @@ def make_stage_step(config: ml_collections.ConfigDict, part: str,
     return tx, step
 
 
+# The loss of each kind of stage-2 example (config.stage2.example).
+_STAGE2_LOSSES = {"study": two_stage.classifier_loss, "vertebra": two_stage.vertebra_loss}
+
+
+def stage2_example(config: ml_collections.ConfigDict) -> str:
+    """config.stage2.example, checked: 'study' or 'vertebra'."""
+    if config.stage2.example not in _STAGE2_LOSSES:
+        raise ValueError(f"stage2.example {config.stage2.example!r}: one of "
+                         f"{sorted(_STAGE2_LOSSES)}")
+    return config.stage2.example
+
+
 def stage2_dataset(config: ml_collections.ConfigDict, entries: list, located: dict,
                    process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
     """Stage 2's training batches by `config.stage2.example`: 'vertebra', single vertebra
@@ -87,11 +99,9 @@ def stage2_dataset(config: ml_collections.ConfigDict, entries: list, located: di
     stacks of each study (`vertebrae.SampleVertebrae`). batch_size counts examples."""
     kwargs = dict(seed=config.seed, global_batch=config.stage2.optim.batch_size,
                   process_index=process_index, process_count=process_count)
-    if config.stage2.example == "vertebra":
+    if stage2_example(config) == "vertebra":
         return vertebrae.vertebra_train_dataset(entries, located, config.data,
                                                 config.model.stacks, **kwargs)
-    if config.stage2.example != "study":
-        raise ValueError(f"stage2.example {config.stage2.example!r}: 'vertebra' or 'study'")
     return pipeline.train_dataset(entries, config.data, sample=vertebrae.SampleVertebrae(
         located, config.data, config.model.stacks, train=True), **kwargs)
 
@@ -118,7 +128,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if not masked or not masked_held_out:
         raise ValueError("stage 1 needs studies with masks in both the training and the "
                          "held-out studies")
-
 
     # Model: both stages in one parameter tree; each stage's step trains its part.
     abstract = nnx.eval_shape(lambda: two_stage.create_model(config, config.seed))

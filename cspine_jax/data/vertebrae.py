@@ -156,14 +156,15 @@ def study_stacks(image: np.ndarray, located: Located, stacks_config: Mapping[str
     return out, found, warps, centres
 
 
-def slice_labels(entry: cache.Entry, level: int, centres: np.ndarray) -> np.ndarray:
-    """(T,) float32: 1 where a fracture box touches the slice and vertebra `level` (0-6) is
-    fractured. Boxes do not say which vertebra they are on: a boxed slice of a fractured
-    vertebra's stack counts as its fracture, one of an intact vertebra's stack does not."""
+def slice_labels(entry: cache.Entry, boxed: np.ndarray, level: int,
+                 centres: np.ndarray) -> np.ndarray:
+    """(T,) float32: 1 where a fracture box touches the slice (`boxed`, (z',) flags of the
+    study's `slice_fracture`) and vertebra `level` (0-6) is fractured. Boxes do not say which
+    vertebra they are on: a boxed slice of a fractured vertebra's stack counts as its
+    fracture, one of an intact vertebra's stack does not."""
     if entry.labels is None or not entry.has_boxes:
         return np.zeros(len(centres), np.float32)
-    boxed = np.asarray(entry.slice_fracture())[centres] > 0
-    return (boxed * entry.labels[1 + level]).astype(np.float32)
+    return (boxed[centres] * entry.labels[1 + level]).astype(np.float32)
 
 
 class SampleVertebrae(grain.transforms.RandomMap):
@@ -186,12 +187,15 @@ class SampleVertebrae(grain.transforms.RandomMap):
                    rng: np.random.Generator) -> dict[str, np.ndarray]:
         index, entry = element
         train = self.augment is not None
+        # Read once: the whole fracture volume goes into it.
+        boxed = entry.slice_fracture() > 0
         stacks, found, warps, centres = study_stacks(
             entry.image(), self.located[entry.uid], self.stacks, self.context,
-            rng if train else None, self.augment,
-            entry.slice_fracture() > 0 if train else None, self.fracture_focus)
+            rng if train else None, self.augment, boxed if train else None,
+            self.fracture_focus)
         labels = np.zeros(8, np.float32) if entry.labels is None else entry.labels
-        slices = np.stack([slice_labels(entry, v, centres[v]) for v in range(NUM_VERTEBRAE)])
+        slices = np.stack([slice_labels(entry, boxed, v, centres[v])
+                           for v in range(NUM_VERTEBRAE)])
         return {"image": stacks, "found": found, "warp": warps,
                 "labels": labels.astype(np.float32), "slice_fracture": slices * found[:, None],
                 "has_boxes": np.float32(entry.has_boxes), "study_index": np.int32(index)}
@@ -211,12 +215,13 @@ class SampleVertebra(SampleVertebrae):
         index, entry, v = element
         located = self.located[entry.uid]
         slices = vertebra_slices(located.area, self.stacks["min_area"])[v]
+        boxed = entry.slice_fracture() > 0
         stack, warp, centres = vertebra_stack(entry.image(), slices, located.boxes[v],
                                               self.stacks, self.context, rng, self.augment,
-                                              entry.slice_fracture() > 0, self.fracture_focus)
+                                              boxed, self.fracture_focus)
         label = 0.0 if entry.labels is None else entry.labels[1 + v]
-        return {"image": stack, "warp": warp, "level": np.int32(v),
-                "label": np.float32(label), "slice_fracture": slice_labels(entry, v, centres),
+        return {"image": stack, "warp": warp, "level": np.int32(v), "label": np.float32(label),
+                "slice_fracture": slice_labels(entry, boxed, v, centres),
                 "has_boxes": np.float32(entry.has_boxes), "study_index": np.int32(index)}
 
 

@@ -187,7 +187,6 @@ def segmenter_loss(segmenter: Segmenter, batch: dict[str, jax.Array],
 def _warped(image: jax.Array, warp: jax.Array) -> jax.Array:
     """Stacks (..., T, c, c, C) each warped by its own `warp` (..., 4), the position channel
     left as it is."""
-    lead = image.shape[:-4]
     flat = {"image": image.reshape(-1, *image.shape[-4:]), "warp": warp.reshape(-1, 4)}
     return augment.apply_warp(flat, image.shape[-1] - 1)["image"].reshape(image.shape)
 
