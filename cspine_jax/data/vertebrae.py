@@ -156,13 +156,19 @@ def study_stacks(image: np.ndarray, located: Located, stacks_config: Mapping[str
     return out, found, warps, centres
 
 
-def slice_labels(entry: cache.Entry, boxed: np.ndarray, level: int,
+def boxed_slices(entry: cache.Entry) -> np.ndarray | None:
+    """(z',) bool: the slices a fracture box touches; None for a study without boxes, whose
+    box volume (all zeros) is then not read."""
+    return entry.slice_fracture() > 0 if entry.has_boxes else None
+
+
+def slice_labels(entry: cache.Entry, boxed: np.ndarray | None, level: int,
                  centres: np.ndarray) -> np.ndarray:
-    """(T,) float32: 1 where a fracture box touches the slice (`boxed`, (z',) flags of the
-    study's `slice_fracture`) and vertebra `level` (0-6) is fractured. Boxes do not say which
-    vertebra they are on: a boxed slice of a fractured vertebra's stack counts as its
-    fracture, one of an intact vertebra's stack does not."""
-    if entry.labels is None or not entry.has_boxes:
+    """(T,) float32: 1 where a fracture box touches the slice (`boxed`, `boxed_slices` of the
+    study) and vertebra `level` (0-6) is fractured. Boxes do not say which vertebra they are
+    on: a boxed slice of a fractured vertebra's stack counts as its fracture, one of an intact
+    vertebra's stack does not."""
+    if entry.labels is None or boxed is None:
         return np.zeros(len(centres), np.float32)
     return (boxed[centres] * entry.labels[1 + level]).astype(np.float32)
 
@@ -187,8 +193,7 @@ class SampleVertebrae(grain.transforms.RandomMap):
                    rng: np.random.Generator) -> dict[str, np.ndarray]:
         index, entry = element
         train = self.augment is not None
-        # Read once: the whole fracture volume goes into it.
-        boxed = entry.slice_fracture() > 0
+        boxed = boxed_slices(entry)  # once: the slice labels and the focus both use it
         stacks, found, warps, centres = study_stacks(
             entry.image(), self.located[entry.uid], self.stacks, self.context,
             rng if train else None, self.augment, boxed if train else None,
@@ -215,7 +220,7 @@ class SampleVertebra(SampleVertebrae):
         index, entry, v = element
         located = self.located[entry.uid]
         slices = vertebra_slices(located.area, self.stacks["min_area"])[v]
-        boxed = entry.slice_fracture() > 0
+        boxed = boxed_slices(entry)
         stack, warp, centres = vertebra_stack(entry.image(), slices, located.boxes[v],
                                               self.stacks, self.context, rng, self.augment,
                                               boxed, self.fracture_focus)
