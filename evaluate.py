@@ -1,7 +1,7 @@
 """Evaluates a trained run's best (or --step) checkpoint in a fresh process.
 
-    python evaluate.py --workdir=runs/default                  # the run's held-out fold
-    python evaluate.py --workdir=runs/default --data=/data/rsna --out=reports/rsna
+python evaluate.py --workdir=runs/default                  # the run's held-out fold
+python evaluate.py --workdir=runs/default --data=/data/rsna --out=reports/rsna
 """
 
 from absl import app, flags, logging
@@ -19,8 +19,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it touches at INFO
-    values = evaluation.evaluate_run(flags.FLAGS.workdir, flags.FLAGS.data, flags.FLAGS.out,
-                                     flags.FLAGS.step)
+    values = evaluation.evaluate_run(
+        flags.FLAGS.workdir, flags.FLAGS.data, flags.FLAGS.out, flags.FLAGS.step
+    )
     if values:
         print(evaluation.format_table(values))
 

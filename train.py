@@ -9,7 +9,7 @@ held-out results.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cspine_jax import trainer, two_stage_trainer
+from cspine_jax import systems
 from cspine_jax.data import cache, rsna
 
 config_flags.DEFINE_config_file("config", "configs/default.py", "Training configuration.")
@@ -22,10 +22,8 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it touches at INFO
     config = flags.FLAGS.config
-    family = config.model.get("family", "single")
-    train = two_stage_trainer if family == "two_stage" else trainer
     try:
-        train.train_and_evaluate(config, flags.FLAGS.workdir)
+        systems.get(config).train_and_evaluate(config, flags.FLAGS.workdir)
     except (rsna.DatasetError, cache.CacheError, FloatingPointError) as e:
         # Bad data or a diverged run: the message names the file or the steps; a traceback
         # adds nothing for the user.

@@ -30,14 +30,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from cspine_jax import checkpoints, evaluation  # noqa: E402
 from cspine_jax.data import dicom, phantom, prepare, preprocess  # noqa: E402
-from cspine_jax.models import spine_net  # noqa: E402
+from cspine_jax.models import single  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
 _TARGET_SLICES = 300
 _CANDIDATES = 64  # seed-0 studies searched for the slice count nearest the target
 
-config_flags.DEFINE_config_file("config", os.path.normpath(_DEFAULT_CONFIG),
-                                "Config of the fresh model (ignored with --workdir).")
+config_flags.DEFINE_config_file(
+    "config",
+    os.path.normpath(_DEFAULT_CONFIG),
+    "Config of the fresh model (ignored with --workdir).",
+)
 flags.DEFINE_string("workdir", "", "Training run whose best checkpoint is timed.")
 flags.DEFINE_integer("runs", 5, "Timed runs; each stage reports its median.")
 flags.DEFINE_integer("index", -1, "Phantom study index; -1: the one nearest 300 slices.")
@@ -57,11 +60,12 @@ def _model():
         model, config, step = checkpoints.load_model(FLAGS.workdir)
         return model, config, f"checkpoint step {step} of {os.path.abspath(FLAGS.workdir)}"
     config = FLAGS.config
-    return spine_net.create_model(config, config.seed), config, "freshly initialised"
+    return single.create_model(config, config.seed), config, "freshly initialised"
 
 
-def _run_once(folder: str, params: dict, predictor: evaluation.StudyPredictor
-              ) -> tuple[dict[str, float], int, int]:
+def _run_once(
+    folder: str, params: dict, predictor: evaluation.StudyPredictor
+) -> tuple[dict[str, float], int, int]:
     """Stage seconds of one study, its source slice count and its prepared slice count."""
     times = {}
     start = time.perf_counter()
@@ -96,17 +100,26 @@ def main(argv):
     prepared_slices = runs[0][2]
 
     device = jax.devices()[0]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"jax {jax.__version__} on {device.platform} ({device.device_kind})")
-    print(f"model: {source}; {spine_net.param_count(model):,} parameters; widths "
-          f"{tuple(config.model.widths)}, depths {tuple(config.model.depths)}, "
-          f"dtype {config.model.dtype}")
-    print(f"study: phantom full #{index}, {series_shape[0]} slices of "
-          f"{series_shape[1]}x{series_shape[2]}, spacing "
-          + " x ".join(f"{s:.2f}" for s in spacing) + " mm (z, y, x); uncompressed")
-    print(f"grid: {prepared_slices} x {params['grid']} x {params['grid']} "
-          f"({params['spacing_z']} mm slices, {len(params['windows'])} windows), "
-          f"context {config.data.context}, chunk {predictor.chunk}; {FLAGS.runs} runs")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
+    )
+    print(
+        f"model: {source}; {single.param_count(model):,} parameters; widths "
+        f"{tuple(config.model.widths)}, depths {tuple(config.model.depths)}, "
+        f"dtype {config.model.dtype}"
+    )
+    print(
+        f"study: phantom full #{index}, {series_shape[0]} slices of "
+        f"{series_shape[1]}x{series_shape[2]}, spacing "
+        + " x ".join(f"{s:.2f}" for s in spacing)
+        + " mm (z, y, x); uncompressed"
+    )
+    print(
+        f"grid: {prepared_slices} x {params['grid']} x {params['grid']} "
+        f"({params['spacing_z']} mm slices, {len(params['windows'])} windows), "
+        f"context {config.data.context}, chunk {predictor.chunk}; {FLAGS.runs} runs"
+    )
     print(f"{'stage':<12}{'median s':>10}{'min s':>9}{'max s':>9}")
     for name, values in [*stages.items(), ("total", totals)]:
         print(f"{name:<12}{np.median(values):>10.3f}{values.min():>9.3f}{values.max():>9.3f}")

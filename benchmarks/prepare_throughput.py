@@ -64,15 +64,18 @@ def main(argv):
         data = FLAGS.data
         if not data:
             data = os.path.join(tmp, "phantoms")
-            phantom.write_dataset(data, num_studies=FLAGS.num_studies, seed=0, size="full",
-                                  workers=FLAGS.workers)
+            phantom.write_dataset(
+                data, num_studies=FLAGS.num_studies, seed=0, size="full", workers=FLAGS.workers
+            )
         folders = [s.image_dir for s in rsna.load_index(data)]
         _decode_all(folders, FLAGS.workers)  # warm the page cache and the imports
         decode_s, slices = min(_decode_all(folders, FLAGS.workers) for _ in range(FLAGS.repeats))
         prepare_s = min(_prepare_all(data, FLAGS.workers) for _ in range(FLAGS.repeats))
     grid = default.get_config().data.grid
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"{len(folders)} studies, {slices} slices; workers={FLAGS.workers}; grid={grid}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"{len(folders)} studies, {slices} slices; workers={FLAGS.workers}; grid={grid}"
+    )
     print(f"{'step':<28}{'seconds':>10}{'slices/s':>12}")
     print(f"{'pydicom decode':<28}{decode_s:>10.2f}{slices / decode_s:>12.1f}")
     print(f"{'prepare (decode+cache)':<28}{prepare_s:>10.2f}{slices / prepare_s:>12.1f}")

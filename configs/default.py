@@ -1,7 +1,7 @@
 """The embedded default: synthetic phantoms, trained on a laptop CPU in minutes.
 
-    python train.py                        # generates phantoms once, trains, evaluates
-    python train.py --config.data.dir=/path/to/rsna   # the same on real data
+python train.py                        # generates phantoms once, trains, evaluates
+python train.py --config.data.dir=/path/to/rsna   # the same on real data
 """
 
 import ml_collections
@@ -9,13 +9,16 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.seed = 0
+    c.seed = 0  # parameters, data order and the train/held-out split
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""  # RSNA-layout folder; empty: generate phantoms (below) once and reuse them
-    c.data.cache_dir = ""  # prepared cache; empty: <workdir>/../cspine_cache/<hash of data+grid>
+    c.data.cache_dir = ""  # prepared cache; empty: $CSPINE_CACHE/prepared-<hash of data + grid>
+    # The generated phantoms (`cspine_jax.data.phantom`) when data.dir is empty: how many, their
+    # seed, size ('tiny', 'demo', 'full'), and the shares of studies with a mask and with boxes.
     c.data.phantom = ml_collections.ConfigDict(
-        dict(num_studies=240, seed=0, size="demo", mask_fraction=0.3, box_fraction=1.0))
+        dict(num_studies=240, seed=0, size="demo", mask_fraction=0.3, box_fraction=1.0)
+    )
     c.data.grid = 96  # in-plane pixels after resize (H = W)
     c.data.crop = 0.75  # central fraction of the field of view kept: ~0.85-1.1 mm pixels
     c.data.spacing_z = 2.0  # mm between prepared slices
@@ -30,37 +33,55 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_slices = 2
     # S of the validation that picks the best checkpoint; the final evaluation reads every slice.
     c.data.eval_slices = 16
-    c.data.num_folds = 5
+    c.data.num_folds = 5  # stratified folds of the studies; one is held out
     c.data.fold = 0  # held-out fold
     c.data.workers = 0  # grain worker processes (0: in the main process)
     c.data.positive_oversample = 1.0  # sampling weight multiplier of positive studies
     c.data.fracture_focus = 1.0  # chance a z bin holding boxed slices samples one of them
     # Without the in-plane warp (applied in the train step: `cspine_jax.augment`) a slice
     # classifier memorises the 192 training studies within ~300 steps and stays at chance on
-    # held-out ones. shift: fraction of the grid.
+    # held-out ones. flip: left-right; rotate_deg, scale, shift (fraction of the grid): the
+    # warp's ranges; intensity: contrast/brightness jitter; noise: SD of added noise.
     c.data.augment = ml_collections.ConfigDict(
-        dict(flip=True, rotate_deg=15.0, scale=0.1, shift=0.06, intensity=0.05, noise=0.01))
+        dict(flip=True, rotate_deg=15.0, scale=0.1, shift=0.06, intensity=0.05, noise=0.01)
+    )
 
     c.model = ml_collections.ConfigDict()
+    c.model.family = "single"  # 'single': this model; 'two_stage': the baseline (two_stage.py)
     c.model.widths = (16, 32, 64, 96)  # channels of the backbone stages
     c.model.depths = (1, 1, 2, 2)  # residual blocks per stage
-    c.model.decoder_width = 32
-    c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+    c.model.decoder_width = 32  # widest level of the segmentation decoder
+    c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators (params stay float32)
+    # Stride of each stage's first block: after the stride-2 stem, stages run at strides
+    # 4, 8, 16, 32 and the segmentation at 2.
+    c.model.strides = (2, 2, 2, 2)
+    c.model.norm_group_size = 16  # GroupNorm channels per group (at least one group)
+    c.model.head_hidden = 0  # slice-classifier hidden width; 0: widths[-1]
+    c.model.presence_window = 3  # side of the mean filter before the max giving presence
+    c.model.pool_temperature = 1.0  # log-mean-exp temperature of the study pool
+    c.model.detach_presence = True  # no gradient from the fracture losses into presence
 
+    # Weights of the loss terms (`models.single.compute_loss`): the competition's weighted log
+    # loss, segmentation CE and Dice (masked studies), per-slice BCE and the fracture map's
+    # pixel BCE (studies with boxes, and negative studies).
     c.loss = ml_collections.ConfigDict(
-        dict(study=1.0, seg_ce=1.0, seg_dice=1.0, slice=1.0, fracture_map=1.0))
+        dict(study=1.0, seg_ce=1.0, seg_dice=1.0, slice=1.0, fracture_map=1.0)
+    )
 
     c.optim = ml_collections.ConfigDict()
     c.optim.batch_size = 64  # global, studies per step
-    c.optim.grad_accum = 1
-    c.optim.steps = 400
-    c.optim.lr = 2e-3
+    c.optim.grad_accum = 1  # micro-batches a step's gradient is averaged over
+    c.optim.steps = 400  # training steps
+    c.optim.lr = 2e-3  # peak AdamW learning rate, after linear warm-up, then cosine decay
     c.optim.warmup_steps = 50
-    c.optim.weight_decay = 1e-4
-    c.optim.clip_norm = 1.0
+    c.optim.weight_decay = 1e-4  # AdamW decoupled weight decay
+    c.optim.clip_norm = 1.0  # global gradient-norm clipping
 
+    # A checkpoint every `every` steps, each after a held-out evaluation (val_loss picks the
+    # best); the `keep` latest and the best are kept.
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=2))
-    c.log = ml_collections.ConfigDict(dict(every=20, eval_every=200, images=True))
-    c.distributed = ml_collections.ConfigDict(
-        dict(coordinator="", num_processes=1, process_id=0))
+    # Training metrics averaged over `every` steps; images: a segmentation picture per eval.
+    c.log = ml_collections.ConfigDict(dict(every=20, images=True))
+    # Several hosts: the coordinator's HOST:PORT, the process count and this process's index.
+    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0))
     return c

@@ -1,6 +1,6 @@
 """Real RSNA 2022 data on accelerators: 384 grid, a larger backbone, bf16 compute.
 
-    python train.py --config=configs/rsna.py --config.data.dir=/data/rsna --workdir=runs/rsna
+python train.py --config=configs/rsna.py --config.data.dir=/data/rsna --workdir=runs/rsna
 """
 
 import ml_collections
@@ -30,5 +30,4 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.every = 500
     c.checkpoint.keep = 3
     c.log.every = 50
-    c.log.eval_every = 500
     return c

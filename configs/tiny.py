@@ -22,5 +22,4 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 2
     c.checkpoint.every = 4
     c.log.every = 2
-    c.log.eval_every = 4
     return c

@@ -9,8 +9,11 @@ def get_config() -> ml_collections.ConfigDict:
     small = tiny.get_config()
     c = two_stage.get_config()
     c.data = small.data
-    c.model.segmenter.update(widths=small.model.widths, depths=small.model.depths,
-                             decoder_width=small.model.decoder_width)
+    c.model.segmenter.update(
+        widths=small.model.widths,
+        depths=small.model.depths,
+        decoder_width=small.model.decoder_width,
+    )
     c.model.classifier.update(widths=(8, 16), depths=(1, 1), hidden=8)
     c.model.stacks.update(num_slices=4, crop=16)
     for stage in (c.stage1, c.stage2):

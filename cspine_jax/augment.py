@@ -24,8 +24,11 @@ def _source_coords(warp: jax.Array, size: int) -> jax.Array:
     """
     angle, scale, dy, dx = warp[0], warp[1], warp[2], warp[3]
     centre = (size - 1) / 2.0
-    yy, xx = jnp.meshgrid(jnp.arange(size, dtype=jnp.float32) - centre,
-                          jnp.arange(size, dtype=jnp.float32) - centre, indexing="ij")
+    yy, xx = jnp.meshgrid(
+        jnp.arange(size, dtype=jnp.float32) - centre,
+        jnp.arange(size, dtype=jnp.float32) - centre,
+        indexing="ij",
+    )
     cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
     coords = jnp.stack([cos * yy - sin * xx + centre - dy, sin * yy + cos * xx + centre - dx])
     # Snapped to 1/256 pixel: programs compiled for different meshes may round the products
@@ -37,8 +40,9 @@ def _source_coords(warp: jax.Array, size: int) -> jax.Array:
 def _resample(plane: jax.Array, coords: jax.Array, order: int) -> jax.Array:
     """One (H, W) plane at `coords` (2, H, W); outside the field of view is 0 (air after
     windowing, background in label maps)."""
-    return jax.scipy.ndimage.map_coordinates(plane, list(coords), order=order, mode="constant",
-                                             cval=0)
+    return jax.scipy.ndimage.map_coordinates(
+        plane, list(coords), order=order, mode="constant", cval=0
+    )
 
 
 def apply_warp(batch: dict[str, jax.Array], image_channels: int) -> dict[str, jax.Array]:

@@ -21,8 +21,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
-from cspine_jax import optim
-from cspine_jax.models import spine_net, two_stage
+from cspine_jax import systems
 
 BEST_METRIC = "val_loss"  # lower is better
 # Orbax deletes a step it no longer keeps file by file, in place: killed half-way, that
@@ -33,17 +32,35 @@ _DELETED = "deleted"
 
 def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
     """Keeps the `keep` latest steps and the best step by validation loss."""
-    policy = checkpoint_managers.AnyPreservationPolicy([
-        checkpoint_managers.LatestN(n=keep),
-        checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1),
-    ])
+    policy = checkpoint_managers.AnyPreservationPolicy(
+        [
+            checkpoint_managers.LatestN(n=keep),
+            checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1),
+        ]
+    )
     # best_fn also makes Orbax write each step's metrics to disk, where best_step finds them.
+    # A reader needs no other process: without this, Orbax would wait at a barrier for all
+    # of them (the end of a multi-process run evaluates on the chief alone).
+    processes = ocp.options.MultiprocessingOptions()
+    if read_only and jax.process_count() > 1:
+        processes = ocp.options.MultiprocessingOptions(
+            primary_host=jax.process_index(),
+            active_processes={jax.process_index()},
+            barrier_sync_key_prefix=f"reader{jax.process_index()}",
+        )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC], best_mode="min",
-        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
-        todelete_subdir=None if read_only else _DELETED)
-    mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 options=options)
+        preservation_policy=policy,
+        best_fn=lambda m: m[BEST_METRIC],
+        best_mode="min",
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+        todelete_subdir=None if read_only else _DELETED,
+        multiprocessing_options=processes,
+    )
+    mngr = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
+    )
     if not read_only:
         _purge_deleted(mngr)
     return mngr
@@ -58,21 +75,34 @@ def _purge_deleted(mngr: ocp.CheckpointManager) -> None:
 
 def best_step(mngr: ocp.CheckpointManager) -> int | None:
     """The kept step with the lowest validation loss (the latest if none has metrics)."""
-    scored = [(m[BEST_METRIC], s) for s in mngr.all_steps()
-              if (m := mngr.metrics(s)) is not None and BEST_METRIC in m]
+    scored = [
+        (m[BEST_METRIC], s)
+        for s in mngr.all_steps()
+        if (m := mngr.metrics(s)) is not None and BEST_METRIC in m
+    ]
     return min(scored)[1] if scored else mngr.latest_step()
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any],
-         data_iterator: grain.DatasetIterator, config: ml_collections.ConfigDict,
-         metrics: dict[str, float]) -> None:
+def save(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    state: dict[str, Any],
+    data_iterator: grain.DatasetIterator,
+    config: ml_collections.ConfigDict,
+    metrics: dict[str, float],
+) -> None:
     """Saves `step` in the background, once the previous save and its deletions are done."""
     mngr.wait_until_finished()  # Orbax would wait here too; the purge then races nothing
     _purge_deleted(mngr)
-    mngr.save(step, metrics=metrics, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(json.loads(config.to_json()))))
+    mngr.save(
+        step,
+        metrics=metrics,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(json.loads(config.to_json())),
+        ),
+    )
 
 
 def close(mngr: ocp.CheckpointManager) -> None:
@@ -82,16 +112,23 @@ def close(mngr: ocp.CheckpointManager) -> None:
     mngr.close()
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any],
-            data_iterator: grain.DatasetIterator | None = None) -> dict[str, Any]:
+def restore(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    state: dict[str, Any],
+    data_iterator: grain.DatasetIterator | None = None,
+) -> dict[str, Any]:
     """The train state of `step`, shaped and sharded like `state`; also rewinds the
     data iterator in place when one is given."""
     # Leaves without a sharding (shapes from eval_shape) land on this process's first device:
     # Orbax would otherwise insist on the saving run's device topology.
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                       sharding=getattr(x, "sharding", None) or local), state)
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=getattr(x, "sharding", None) or local
+        ),
+        state,
+    )
     items = {"state": ocp.args.StandardRestore(abstract)}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -105,25 +142,16 @@ def saved_config(mngr: ocp.CheckpointManager, step: int) -> ml_collections.Confi
 
 
 def state_shapes(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, dict[str, Any]]:
-    """The model graph and the shapes of the {params, opt_state} its checkpoints hold.
-
-    By `config.model.family`: the single model (default), or 'two_stage', whose checkpoints
-    (stage 2's) hold the whole two-stage model and the optimizer state of its classifier.
-    """
-    if config.model.get("family", "single") == "two_stage":
-        graphdef, params = nnx.split(
-            nnx.eval_shape(lambda: two_stage.create_model(config, config.seed)))
-        tx, trained = optim.make_optimizer(config.stage2.optim), params["classifier"]
-    else:
-        graphdef, params = nnx.split(
-            nnx.eval_shape(lambda: spine_net.create_model(config, config.seed)))
-        tx, trained = optim.make_optimizer(config.optim), params
-    return graphdef, {"params": params, "opt_state": jax.eval_shape(tx.init, trained)}
+    """The model graph and the shapes of the {params, opt_state} its checkpoints hold, by
+    `config.model.family` (`systems`)."""
+    system = systems.get(config)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: system.create_model(config, config.seed)))
+    return graphdef, jax.eval_shape(lambda p: system.build_state(config, p), params)
 
 
 def load_model(
     workdir: str, step: int | None = None
-) -> tuple[spine_net.SpineNet | two_stage.TwoStageModel, ml_collections.ConfigDict, int]:
+) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
     """The model of a run's best (or given) step, with the config it was trained with.
 
     Works in a fresh process: shapes come from the saved config, values from Orbax.

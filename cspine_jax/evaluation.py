@@ -3,8 +3,9 @@
 A study is scored from EVERY prepared slice, whatever their number: slices are encoded in
 fixed-size chunks (one compiled program per chunk shape) and pooled once over a z length
 rounded up to a bucket (a handful of compiled programs for all study lengths). The two-stage
-baseline (`models.two_stage`) is scored alike: its segmenter reads every slice in chunks, then
-its classifier reads the vertebra stacks that gives (`TwoStagePredictor`).
+baseline is scored alike (`baseline.predictor`): its segmenter reads every slice in chunks,
+then its classifier reads the vertebra stacks that gives. Every run, of either family, ends in
+`finish_run`, and `evaluate.py` reads a finished run back by the same `evaluate_run`.
 """
 
 from __future__ import annotations
@@ -22,35 +23,15 @@ import tqdm
 from flax import nnx
 from tensorboardX import SummaryWriter
 
-from cspine_jax import checkpoints, metrics, report
-from cspine_jax.data import cache, pipeline, rsna, sources, vertebrae
-from cspine_jax.models import two_stage
-from cspine_jax.models.spine_net import SpineNet
+from cspine_jax import checkpoints, metrics, report, systems
+from cspine_jax.data import cache, pipeline, rsna, sources
+from cspine_jax.models.heads import label_grid
+from cspine_jax.systems import Predictor, StudyPrediction
 
 _Z_BUCKET = 64
 
 
-@dataclasses.dataclass(frozen=True)
-class StudyPrediction:
-    """Outputs for one study on its prepared grid (z' slices, most superior first).
-
-    Attributes:
-      probs: (8,) float32 probabilities `[patient_overall, C1..C7]`.
-      slice_logits: (z', 7) per-slice fracture logits of C1..C7; None for the two-stage
-        baseline, which scores vertebra stacks, not slices.
-      presence: (z', 7) per-slice vertebra presence (two-stage baseline: the share of the
-        slice labelled as each vertebra).
-      segmentation: (z', h, w) uint8 predicted labels (0 bg, 1-7 C1-C7) at the seg stride.
-    """
-
-    probs: np.ndarray
-    slice_logits: np.ndarray | None
-    presence: np.ndarray
-    segmentation: np.ndarray
-
-
-def _encode_chunks(encode, state, image: np.ndarray, chunk: int,
-                   context: int) -> list[np.ndarray]:
+def encode_chunks(encode, state, image: np.ndarray, chunk: int, context: int) -> list[np.ndarray]:
     """Every slice of a prepared study through the jitted `encode(state, (chunk, G, G, C))`,
     `chunk` slices at a time; its outputs concatenated along z (padding rows dropped)."""
     parts = []
@@ -61,9 +42,10 @@ def _encode_chunks(encode, state, image: np.ndarray, chunk: int,
 
 
 class StudyPredictor:
-    """Compiled whole-study inference of one model (process-local, any device count)."""
+    """Compiled whole-study inference of the single model (process-local, any device count):
+    a `systems.Predictor`."""
 
-    def __init__(self, model: SpineNet, context: int, chunk: int = 32):
+    def __init__(self, model: nnx.Module, context: int, chunk: int = 32):
         graphdef, state = nnx.split(model)
         self.graphdef, self.state = graphdef, jax.device_get(state)
         self.context, self.chunk = context, chunk
@@ -80,72 +62,21 @@ class StudyPredictor:
     def __call__(self, image: np.ndarray) -> StudyPrediction:
         """image: (z', G, G, n_windows) uint8 prepared study -> its prediction."""
         z = image.shape[0]
-        segmentation, logits_z, presence_z = _encode_chunks(self._encode, self.state, image,
-                                                            self.chunk, self.context)
+        segmentation, logits_z, presence_z = encode_chunks(
+            self._encode, self.state, image, self.chunk, self.context
+        )
         length = -(-z // _Z_BUCKET) * _Z_BUCKET
         pad = ((0, length - z), (0, 0))
         valid = (np.arange(length) < z).astype(np.float32)
-        probs = self._pool(self.state, np.pad(logits_z, pad)[None], np.pad(presence_z, pad)[None],
-                           valid[None])
+        probs = self._pool(
+            self.state, np.pad(logits_z, pad)[None], np.pad(presence_z, pad)[None], valid[None]
+        )
         return StudyPrediction(
             probs=np.asarray(probs[0], np.float32),
             slice_logits=logits_z,
             presence=presence_z,
             segmentation=segmentation,
         )
-
-
-class TwoStagePredictor:
-    """Compiled whole-study inference of the two-stage baseline (process-local).
-
-    Stage 1 reads every slice in chunks, as `StudyPredictor`; the vertebra stacks it gives
-    are built exactly as stage 2 was trained on them, without jitter or augmentation.
-    """
-
-    def __init__(self, model: two_stage.TwoStageModel, config, chunk: int = 32):
-        graphdef, state = nnx.split(model)
-        self.state = jax.device_get(state)
-        self.context, self.chunk = config.data.context, chunk
-        self.stacks_config = dict(config.model.stacks)
-
-        def locate(state, images):
-            return (nnx.merge(graphdef, state).locate(images),)
-
-        def classify(state, stacks, found):
-            logits = nnx.merge(graphdef, state).classifier(stacks[None], found[None])
-            return jax.nn.sigmoid(logits[0])
-
-        self._locate, self._classify = jax.jit(locate), jax.jit(classify)
-
-    def locate(self, image: np.ndarray) -> tuple[vertebrae.Located, np.ndarray]:
-        """Stage 1 on a prepared study: its `Located` and segmentation (z', h, w) uint8."""
-        (segmentation,) = _encode_chunks(self._locate, self.state, image, self.chunk,
-                                         self.context)
-        return vertebrae.locate(segmentation, self.stacks_config["min_area"]), segmentation
-
-    def __call__(self, image: np.ndarray) -> StudyPrediction:
-        """image: (z', G, G, n_windows) uint8 prepared study -> its prediction."""
-        located, segmentation = self.locate(image)
-        stacks, found = vertebrae.study_stacks(image, located, self.stacks_config,
-                                               self.context)[:2]
-        probs = self._classify(self.state, stacks, found)
-        return StudyPrediction(probs=np.asarray(probs, np.float32), slice_logits=None,
-                               presence=located.area, segmentation=segmentation)
-
-
-def make_predictor(model: SpineNet | two_stage.TwoStageModel,
-                   config) -> StudyPredictor | TwoStagePredictor:
-    """The whole-study predictor of a model of either family."""
-    if isinstance(model, two_stage.TwoStageModel):
-        return TwoStagePredictor(model, config)
-    return StudyPredictor(model, config.data.context)
-
-
-def _mask_at(mask: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """(z', G, G) labels -> the seg output's (z', h, w) grid (centre pixel of each cell)."""
-    factor = mask.shape[1] // shape[1]
-    sub = np.asarray(mask)[:, factor // 2::factor, factor // 2::factor]
-    return np.where(sub <= pipeline.NUM_VERTEBRAE, sub, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,22 +93,27 @@ class Predictions:
     confusion: np.ndarray
 
 
-def predict_entries(predictor: StudyPredictor | TwoStagePredictor,
-                    entries: Sequence[cache.Entry], progress: bool = True) -> Predictions:
+def predict_entries(
+    predictor: Predictor, entries: Sequence[cache.Entry], progress: bool = True
+) -> Predictions:
     """Whole-study predictions of every entry."""
     probs, confusion = [], np.zeros((8, 8), np.int64)
     for entry in tqdm.tqdm(entries, desc="evaluate", unit="study", disable=not progress):
         prediction = predictor(entry.image())
         probs.append(prediction.probs)
         if entry.has_mask:
-            true = _mask_at(entry.mask(), prediction.segmentation.shape)
+            true = label_grid(np.asarray(entry.mask()), prediction.segmentation.shape[-1])
+            true = np.where(true <= pipeline.NUM_VERTEBRAE, true, 0)  # thoracic: background
             confusion += metrics.label_confusion(true, prediction.segmentation)
     return Predictions(np.stack(probs), confusion)
 
 
-def evaluate_entries(predictor: StudyPredictor | TwoStagePredictor,
-                     entries: Sequence[cache.Entry], threshold: float | None = None,
-                     progress: bool = True) -> tuple[dict[str, float], Predictions]:
+def evaluate_entries(
+    predictor: Predictor,
+    entries: Sequence[cache.Entry],
+    threshold: float | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, float], Predictions]:
     """Every held-out metric of `entries` (all labelled) and the predictions behind them.
 
     `threshold` (patient_overall decision threshold) defaults to Youden's J on these
@@ -199,15 +135,18 @@ def format_table(values: dict[str, float]) -> str:
     return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in values.items())
 
 
-def write_submission(path: str, uids: Sequence[str], probs: np.ndarray,
-                     row_ids: Sequence[str] | None = None) -> None:
+def write_submission(
+    path: str, uids: Sequence[str], probs: np.ndarray, row_ids: Sequence[str] | None = None
+) -> None:
     """Kaggle-format CSV `row_id,fractured` with row_id `<uid>_<label>`.
 
     With `row_ids` (from a test.csv) exactly those rows, in that order; else 8 per study.
     """
-    values = {f"{uid}_{name}": float(p)
-              for uid, row in zip(uids, probs, strict=True)
-              for name, p in zip(rsna.LABEL_COLUMNS, row, strict=True)}
+    values = {
+        f"{uid}_{name}": float(p)
+        for uid, row in zip(uids, probs, strict=True)
+        for name, p in zip(rsna.LABEL_COLUMNS, row, strict=True)
+    }
     rows = list(values) if row_ids is None else list(row_ids)
     missing = [r for r in rows if r not in values]
     if missing:
@@ -218,8 +157,14 @@ def write_submission(path: str, uids: Sequence[str], probs: np.ndarray,
         writer.writerows((r, f"{values[r]:.6f}") for r in rows)
 
 
-def evaluate_run(workdir: str, data_dir: str | None = None, out_dir: str | None = None,
-                 step: int | None = None, progress: bool = True) -> dict[str, float]:
+def evaluate_run(
+    workdir: str,
+    data_dir: str | None = None,
+    out_dir: str | None = None,
+    step: int | None = None,
+    progress: bool = True,
+    writer: SummaryWriter | None = None,
+) -> dict[str, float]:
     """Restores a run's best (or `step`) checkpoint and evaluates it.
 
     Without `data_dir`: the run's own held-out fold, exactly as training reported it.
@@ -227,15 +172,18 @@ def evaluate_run(workdir: str, data_dir: str | None = None, out_dir: str | None 
     labelled (train.csv) studies are scored with the decision threshold the run chose on its
     held-out fold, unlabelled (test.csv) ones only get a submission.
     Writes metrics.json, submission.csv and the report pictures into `out_dir`
-    (default `workdir/eval`, or `workdir/eval-<folder name>` with `data_dir`).
+    (default `workdir/eval`, or `workdir/eval-<folder name>` with `data_dir`); the pictures
+    also into `writer` (default: a new one in `out_dir/tensorboard`).
     """
     model, config, step = checkpoints.load_model(workdir, step)
-    predictor = make_predictor(model, config)
+    predictor = systems.get(config).make_predictor(model, config)
     threshold = None
     if data_dir is None:
         _, entries = sources.split_entries(
             cache.read_entries(sources.prepared_cache(config.data, progress=progress)),
-            config.data, config.seed)
+            config.data,
+            config.seed,
+        )
     else:
         data_config = config.data.copy_and_resolve_references()
         data_config.update(dir=os.path.abspath(data_dir), cache_dir="")
@@ -253,10 +201,14 @@ def evaluate_run(workdir: str, data_dir: str | None = None, out_dir: str | None 
         values, predictions = evaluate_entries(predictor, entries, threshold, progress)
         values = {"step": float(step), **values}
         y_true = np.stack([e.labels for e in entries])
-        writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-        report.write_report(out_dir, y_true, predictions.probs, predictions.confusion,
-                            writer=writer, step=step)
-        writer.close()
+        own_writer = writer is None
+        if own_writer:
+            writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        report.write_report(
+            out_dir, y_true, predictions.probs, predictions.confusion, writer=writer, step=step
+        )
+        if own_writer:
+            writer.close()
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump(values, f, indent=1)
     else:
@@ -266,6 +218,10 @@ def evaluate_run(workdir: str, data_dir: str | None = None, out_dir: str | None 
     if data_dir is not None and os.path.exists(test_csv):
         with open(test_csv, newline="") as f:
             row_ids = [row["row_id"] for row in csv.DictReader(f)]
-    write_submission(os.path.join(out_dir, "submission.csv"), [e.uid for e in entries],
-                     predictions.probs, row_ids)
+    write_submission(
+        os.path.join(out_dir, "submission.csv"),
+        [e.uid for e in entries],
+        predictions.probs,
+        row_ids,
+    )
     return values

@@ -47,15 +47,25 @@ def roc_figure(y_true: np.ndarray, probs: np.ndarray) -> Figure:
         if 0 < positives < len(y):
             fpr, tpr, _ = skm.roc_curve(y, p)
             label = f"{name}  AUC {skm.auc(fpr, tpr):.3f}  ({positives}+/{len(y) - positives}-)"
-            ax.plot(fpr, tpr, color=_LABEL_COLOURS[j], lw=2.4 if j == 0 else 1.4,
-                    drawstyle="steps-post", label=label)
+            ax.plot(
+                fpr,
+                tpr,
+                color=_LABEL_COLOURS[j],
+                lw=2.4 if j == 0 else 1.4,
+                drawstyle="steps-post",
+                label=label,
+            )
         else:
             only = "positives" if positives else "negatives"
             ax.plot([], [], color=_LABEL_COLOURS[j], ls="--", label=f"{name}  n/a (only {only})")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal",
-           xlabel="1 - specificity (false positive rate)",
-           ylabel="sensitivity (true positive rate)",
-           title=f"ROC per label, {len(y_true)} studies")
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        aspect="equal",
+        xlabel="1 - specificity (false positive rate)",
+        ylabel="sensitivity (true positive rate)",
+        title=f"ROC per label, {len(y_true)} studies",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return fig
@@ -82,8 +92,12 @@ def reliability_figure(y_true: np.ndarray, probs: np.ndarray, bins: int = 10) ->
         brier = skm.brier_score_loss(y, p, pos_label=True)
         ax.plot(predicted, observed, "o-", color=colour, label=f"{name}  (Brier {brier:.3f})")
         hist.hist(p, bins=edges, color=colour, histtype="step", lw=1.6, label=name)
-    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="observed fracture frequency",
-           title=f"Reliability, {len(y_true)} studies, {bins} bins")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        ylabel="observed fracture frequency",
+        title=f"Reliability, {len(y_true)} studies, {bins} bins",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     hist.set(yscale="log", xlabel="predicted probability", ylabel="predictions")
@@ -108,14 +122,25 @@ def confusion_figure(confusion: np.ndarray) -> Figure:
     image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
     for (i, j), rate in np.ndenumerate(rates):
         if np.isfinite(rate) and rate >= 0.005:
-            ax.text(j, i, f"{100 * rate:.0f}", ha="center", va="center", fontsize=8,
-                    color="white" if rate > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{100 * rate:.0f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if rate > 0.6 else "black",
+            )
     ticks = np.arange(len(LEVEL_NAMES))
     ax.set_xticks(ticks, LEVEL_NAMES)
-    ax.set_yticks(ticks, [f"{n} ({int(t):,})" for n, t in zip(LEVEL_NAMES, totals[:, 0],
-                                                                 strict=True)])
-    ax.set(xlabel="predicted label", ylabel="true label (voxels)",
-           title="Vertebra level confusion (% of each true label)")
+    ax.set_yticks(
+        ticks, [f"{n} ({int(t):,})" for n, t in zip(LEVEL_NAMES, totals[:, 0], strict=True)]
+    )
+    ax.set(
+        xlabel="predicted label",
+        ylabel="true label (voxels)",
+        title="Vertebra level confusion (% of each true label)",
+    )
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of true voxels")
     return fig
 
@@ -126,8 +151,14 @@ def save_png(fig: Figure, path: str | os.PathLike, dpi: int = _DPI) -> str:
     return os.fspath(path)
 
 
-def write_report(out_dir: str | os.PathLike, y_true: np.ndarray, probs: np.ndarray,
-                 confusion: np.ndarray, writer=None, step: int = 0) -> dict[str, str]:
+def write_report(
+    out_dir: str | os.PathLike,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    confusion: np.ndarray,
+    writer=None,
+    step: int = 0,
+) -> dict[str, str]:
     """Writes roc.png, reliability.png and level_confusion.png into `out_dir` (created).
 
     Args:

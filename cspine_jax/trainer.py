@@ -1,18 +1,26 @@
-"""Training: one readable function, top to bottom.
+"""Training: the single model's run, and the pieces every run is built from.
 
-Sections: distributed set-up, mesh, input, model, sharding, step, checkpoint, evals, loop,
-final held-out evaluation. The step is a plain `jax.jit` over the `nnx.split` state with
-donated buffers: parameters and optimizer state replicated over the `data` mesh axis, the
-batch sharded along it, so one program serves 1 device, 8 devices or several hosts.
+`train_and_evaluate` reads top to bottom in sections: distributed set-up and mesh
+(`start_run`), input (the prepared cache split into training and held-out studies, a Grain
+pipeline sharded over processes), model and optimizer (`init_state`: `nnx.split` once, the
+state initialised in one jit and replicated), the steps, checkpoints, evals, the loop
+(`train_loop`) and the end of the run (`finish_run`). The step is a plain `jax.jit` over the
+split state (`make_train_step`), with donated buffers: parameters and optimizer state
+replicated over the `data` mesh axis, the batch sharded along it, so one program serves
+1 device, 8 devices or several hosts.
+
+The two-stage baseline (`cspine_jax.baseline.trainer`) trains each of its stages with the
+same `start_run`, `init_state`, `make_train_step`, `train_loop` and `finish_run`. Each
+family's module declares its `systems.System`; this one's is `SYSTEM` at the bottom.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,67 +35,106 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter  # TensorFlow-free event files
 
-from cspine_jax import augment, checkpoints, evaluation, metrics, optim, report, visualize
+from cspine_jax import augment, checkpoints, evaluation, metrics, optim, systems, visualize
 from cspine_jax.data import cache, pipeline, sources
-from cspine_jax.models import spine_net
+from cspine_jax.models import single
 
 Batch = dict[str, np.ndarray]
 
 
 # ---------------------------------------------------------------------------- step
-def make_grad_fn(graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
-                 loss_fn: Callable | None = None) -> Callable:
-    """(params, batch) -> ((loss, loss terms), gradients) of `loss_fn(model, batch)`, by
-    default SpineNet's own loss with the weights `config.loss`."""
+def make_loss_ratios(
+    graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, loss_fn: Callable | None = None
+) -> Callable:
+    """(params, batch) -> the loss terms as `single.Ratio`s: `loss_fn(model, batch)`, by default
+    SingleModel's `loss_ratios` on the batch warped in-plane (`augment.apply_warp`)."""
 
-    def spine_net_loss(model, batch):
-        batch = augment.apply_warp(batch, spine_net.input_channels(config) - 1)
-        return spine_net.compute_loss(model(batch["image"], batch["valid"]), batch, config.loss)
+    def single_model_loss(model, batch):
+        batch = augment.apply_warp(batch, single.input_channels(config) - 1)
+        return single.loss_ratios(model(batch["image"], batch["valid"]), batch)
 
-    loss_fn = loss_fn or spine_net_loss
-    return jax.value_and_grad(lambda params, batch: loss_fn(nnx.merge(graphdef, params), batch),
-                              has_aux=True)
+    loss_fn = loss_fn or single_model_loss
+    return lambda params, batch: loss_fn(nnx.merge(graphdef, params), batch)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    config: ml_collections.ConfigDict,
-                    loss_fn: Callable | None = None) -> Callable:
+def make_grad_fn(
+    graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, loss_fn: Callable | None = None
+) -> Callable:
+    """(params, batch[, denominators]) -> ((loss, term values), gradients).
+
+    The loss is sum_t config.loss[t] * num_t / den_t over the terms of `make_loss_ratios`,
+    with den_t = denominators[t] where given (the whole batch's, under gradient
+    accumulation), else the batch's own.
+    """
+    ratios_fn, weights = make_loss_ratios(graphdef, config, loss_fn), dict(config.loss)
+
+    def loss(params, batch, denominators=None):
+        ratios = ratios_fn(params, batch)
+        if denominators is not None:
+            ratios = {k: (num, denominators[k]) for k, (num, _) in ratios.items()}
+        return single.weighted_loss(ratios, weights)
+
+    return jax.value_and_grad(loss, has_aux=True)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    loss_fn: Callable | None = None,
+) -> Callable:
     """(params, opt_state, batch) -> (params, opt_state, metrics), pure; the loss as in
     `make_grad_fn`.
 
-    With `optim.grad_accum` = k the global batch is split into k micro-batches whose
-    gradients are averaged. A step whose loss, gradients or updated parameters are not
-    finite leaves parameters and optimizer state untouched and reports `skipped` = 1.
+    With `optim.grad_accum` = k the global batch is split into k micro-batches, each scaled by
+    the whole batch's loss denominators, whose losses and gradients add up to the whole
+    batch's. A step whose loss, gradients or updated parameters are not finite leaves
+    parameters and optimizer state untouched and reports `skipped` = 1.
     """
     accum = int(config.optim.grad_accum)
     grad_fn = make_grad_fn(graphdef, config, loss_fn)
+    ratios_fn = make_loss_ratios(graphdef, config, loss_fn)
 
     def step(params, opt_state, batch):
         if accum == 1:
-            (loss, terms), grads = grad_fn(params, batch)
+            (loss, terms), grads = grad_fn(params, batch, None)
         else:
             micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+            # The denominators depend on the batch alone: XLA drops the forward pass behind
+            # them, so this costs next to nothing.
+            denominators = jax.tree.map(
+                lambda x: x.sum(0),
+                jax.lax.map(
+                    lambda b: {k: den for k, (_, den) in ratios_fn(params, b).items()}, micro
+                ),
+            )
 
             def body(carry, micro_batch):
-                (loss, terms), grads = grad_fn(params, micro_batch)
+                (loss, terms), grads = grad_fn(params, micro_batch, denominators)
                 return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                grad_fn, params, jax.tree.map(lambda x: x[0], micro)))
+            zeros = jax.tree.map(
+                jnp.zeros_like,
+                jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), denominators),
+            )
             zeros = (zeros[0][0], zeros[0][1], zeros[1])
             (loss, terms, grads), _ = jax.lax.scan(body, zeros, micro)
-            loss, terms, grads = jax.tree.map(lambda x: x / accum, (loss, terms, grads))
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         # Finite gradients can still give non-finite parameters (a learning rate of inf or
         # NaN, an overflowing update): those must not reach the state, nor a checkpoint.
-        finite = jnp.isfinite(loss) & jnp.all(jnp.array(
-            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((grads, new_params))]))
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((grads, new_params))])
+        )
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         params = jax.tree.map(keep, new_params, params)
         opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-        out = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads),
-               "skipped": 1.0 - finite.astype(jnp.float32)}
+        out = {
+            "loss": loss,
+            **terms,
+            "grad_norm": optax.tree.norm(grads),
+            "skipped": 1.0 - finite.astype(jnp.float32),
+        }
         return params, opt_state, out
 
     return step
@@ -115,8 +162,53 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
         jax.distributed.initialize(dist.coordinator, dist.num_processes, dist.process_id)
 
 
-def split_studies(config: ml_collections.ConfigDict,
-                  progress: bool) -> tuple[str, list[cache.Entry], list[cache.Entry]]:
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """The devices a run trains on.
+
+    Attributes:
+      data: sharding of a global batch along the `data` axis of a mesh over every device of
+        every process.
+      replicated: sharding of parameters and optimizer state (a full copy on every device).
+      chief: whether this is process 0, which writes logs, reports and metrics.
+    """
+
+    data: NamedSharding
+    replicated: NamedSharding
+    chief: bool
+
+
+def start_run(config: ml_collections.ConfigDict, workdir: str, batch_sizes: Sequence[int]) -> Run:
+    """Distributed set-up (before anything touches the JAX backend), the workdir and the
+    data-parallel mesh; every global batch size must split evenly over the devices."""
+    initialize_distributed(config)
+    os.makedirs(workdir, exist_ok=True)
+    for batch_size in batch_sizes:
+        if batch_size % jax.device_count():
+            raise ValueError(
+                f"batch_size {batch_size} not divisible by {jax.device_count()} devices"
+            )
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    return Run(NamedSharding(mesh, P("data")), NamedSharding(mesh, P()), jax.process_index() == 0)
+
+
+def init_state(
+    run: Run, create_model: Callable[[], nnx.Module], build_state: Callable[[Any], dict[str, Any]]
+) -> tuple[nnx.GraphDef, dict[str, Any]]:
+    """(graph, replicated train state) of `build_state(params of create_model())`.
+
+    Initialised inside one jit: eagerly, every parameter's initialiser is its own program.
+    """
+    graphdef = nnx.graphdef(nnx.eval_shape(create_model))
+    state = jax.jit(
+        lambda: build_state(nnx.split(create_model())[1]), out_shardings=run.replicated
+    )()
+    return graphdef, state
+
+
+def split_studies(
+    config: ml_collections.ConfigDict, progress: bool
+) -> tuple[str, list[cache.Entry], list[cache.Entry]]:
     """(cache dir, training entries, held-out entries) of config.data: the chief process
     prepares the cache once (generating phantoms if needed); every process then reads it."""
     chief = jax.process_index() == 0
@@ -125,8 +217,9 @@ def split_studies(config: ml_collections.ConfigDict,
     multihost_utils.sync_global_devices("cache prepared")
     if not chief:
         cache_dir = sources.prepared_cache(config.data, progress=False)
-    train_entries, held_out = sources.split_entries(cache.read_entries(cache_dir),
-                                                    config.data, config.seed)
+    train_entries, held_out = sources.split_entries(
+        cache.read_entries(cache_dir), config.data, config.seed
+    )
     return cache_dir, train_entries, held_out
 
 
@@ -147,10 +240,21 @@ def _pad_rows(batch: Batch, rows: int) -> Batch:
 
 
 # ---------------------------------------------------------------------------- the loop
-def train_loop(name: str, stage: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-               step_fn: Callable, state: dict[str, Any], train_iter, mngr,
-               evaluate: Callable, sharding: NamedSharding, writer: SummaryWriter | None, *,
-               progress: bool, seconds: float = 0.0) -> tuple[dict[str, Any], float]:
+def train_loop(
+    name: str,
+    stage: ml_collections.ConfigDict,
+    config: ml_collections.ConfigDict,
+    step_fn: Callable,
+    state: dict[str, Any],
+    train_iter,
+    mngr,
+    evaluate: Callable,
+    sharding: NamedSharding,
+    writer: SummaryWriter | None,
+    *,
+    progress: bool,
+    seconds: float = 0.0,
+) -> tuple[dict[str, Any], float]:
     """Trains `state` {params, opt_state} with `step_fn` from the latest checkpoint in `mngr`
     to `stage.optim.steps`; returns the final state and the training clock.
 
@@ -185,13 +289,21 @@ def train_loop(name: str, stage: ml_collections.ConfigDict, config: ml_collectio
     # Steps are dispatched ahead of the device and wait for it at each log: tqdm's default
     # moving-average rate swings between the two (ETA 4 min, then 1 h); smoothing=0 is the
     # mean rate since the start, which the waits keep honest.
-    bar = tqdm.tqdm(total=total, initial=step, unit="step", desc=name, smoothing=0,
-                    disable=not (writer is not None and progress), dynamic_ncols=True)
+    bar = tqdm.tqdm(
+        total=total,
+        initial=step,
+        unit="step",
+        desc=name,
+        smoothing=0,
+        disable=not (writer is not None and progress),
+        dynamic_ncols=True,
+    )
     pending, tick = [], time.perf_counter()
     clock = tick
     while step < total:
         state["params"], state["opt_state"], step_metrics = train_step(
-            state["params"], state["opt_state"], to_global(next(train_iter), sharding))
+            state["params"], state["opt_state"], to_global(next(train_iter), sharding)
+        )
         step += 1
         pending.append(step_metrics)
         bar.update()
@@ -203,7 +315,8 @@ def train_loop(name: str, stage: ml_collections.ConfigDict, config: ml_collectio
                     f"{'' if name == 'train' else name + ': '}loss, gradients or parameters not "
                     f"finite in steps {step - len(fetched) + 1}-{step}; stopping with the last "
                     f"good parameters in {os.fspath(mngr.directory)}. "
-                    "Lower optim.lr or check the data.")
+                    "Lower optim.lr or check the data."
+                )
             mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
             mean["examples_per_s"] = len(fetched) * batch_size / (time.perf_counter() - tick)
             mean["lr"] = float(schedule(step))
@@ -217,15 +330,17 @@ def train_loop(name: str, stage: ml_collections.ConfigDict, config: ml_collectio
             seconds += time.perf_counter() - clock
             result, picture = evaluate(state["params"])
             result["train_seconds"] = seconds
-            bar.write(f"{name} step {step}: "
-                      + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+            bar.write(
+                f"{name} step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items())
+            )
             if writer is not None:
                 for k, v in result.items():
                     if np.isfinite(v):  # AUC is undefined on a one-class fold
                         writer.add_scalar(tag + k.replace("_", "/", 1), v, step)
                 if picture is not None:
-                    writer.add_image(f"{tag}val/vertebrae_true_vs_pred", picture, step,
-                                     dataformats="HWC")
+                    writer.add_image(
+                        f"{tag}val/vertebrae_true_vs_pred", picture, step, dataformats="HWC"
+                    )
             checkpoints.save(mngr, step, state, train_iter, config, result)
             clock = tick = time.perf_counter()  # evaluation time is not training time
     bar.close()
@@ -233,68 +348,96 @@ def train_loop(name: str, stage: ml_collections.ConfigDict, config: ml_collectio
     return state, seconds
 
 
+def finish_run(
+    run: Run, workdir: str, num_held_out: int, writer: SummaryWriter | None, *, progress: bool
+) -> dict[str, float]:
+    """How every run ends, of either family: the chief restores the best checkpoint and
+    evaluates it on every slice of every held-out study by evaluate.py's path
+    (`evaluation.evaluate_run`: metrics.json, submission.csv and the report figures in
+    workdir/eval), writes the metrics to workdir/metrics.json and TensorBoard and prints them;
+    the other processes wait for it. Returns the metrics (empty outside the chief)."""
+    results = {}
+    if run.chief:
+        results = evaluation.evaluate_run(workdir, progress=progress, writer=writer)
+        step = int(results["step"])
+        with open(os.path.join(workdir, "metrics.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        for k, v in results.items():
+            if np.isfinite(v):
+                writer.add_scalar(f"final/{k}", v, step)
+        writer.close()
+        print(f"held-out results (best checkpoint, step {step}, {num_held_out} studies):")
+        print(evaluation.format_table(results))
+    multihost_utils.sync_global_devices("evaluated")
+    return results
+
+
 # ---------------------------------------------------------------------------- the run
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       progress: bool = True) -> dict[str, float]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, progress: bool = True
+) -> dict[str, float]:
     """Trains (or resumes) in `workdir`, then evaluates the best checkpoint on every slice of
     every held-out study. Returns the held-out metrics (also in `workdir/metrics.json`)."""
-    # Distributed set-up: before anything touches the JAX backend.
-    initialize_distributed(config)
-    chief, num_processes = jax.process_index() == 0, jax.process_count()
-    os.makedirs(workdir, exist_ok=True)
-
-    # Mesh: one data-parallel axis over every device of every process.
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
-    data_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    # Distributed set-up and mesh: one data-parallel axis over every device of every process.
     global_batch = config.optim.batch_size
-    if global_batch % jax.device_count():
-        raise ValueError(f"batch_size {global_batch} not divisible by {jax.device_count()} devices")
+    run = start_run(config, workdir, [global_batch])
+    num_processes = jax.process_count()
 
     # Input: the prepared cache, split into training and held-out studies.
     cache_dir, train_entries, held_out = split_studies(config, progress)
-    train_iter = pipeline.iterate(pipeline.train_dataset(
-        train_entries, config.data, seed=config.seed, global_batch=global_batch,
-        process_index=jax.process_index(), process_count=num_processes), config.data.workers)
+    train_iter = pipeline.iterate(
+        pipeline.train_dataset(
+            train_entries,
+            config.data,
+            seed=config.seed,
+            global_batch=global_batch,
+            process_index=jax.process_index(),
+            process_count=num_processes,
+        ),
+        config.data.workers,
+    )
     eval_ds = pipeline.eval_dataset(held_out, config.data, global_batch)
     held_out_labels = np.stack([e.labels for e in held_out])
 
     # Model and optimizer, split once into a static graph and replicated state.
-    # Initialised inside one jit: eagerly, every parameter's initialiser is its own program.
     tx = optim.make_optimizer(config.optim)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: spine_net.create_model(config, config.seed)))
-
-    @functools.partial(jax.jit, out_shardings=replicated)
-    def init_state():
-        params = nnx.split(spine_net.create_model(config, config.seed))[1]
-        return {"params": params, "opt_state": tx.init(params)}
-
-    state = init_state()
-    if chief:
-        print(f"model: {spine_net.param_count(state['params']):,} parameters; {jax.device_count()} "
-              f"devices in {num_processes} process(es); {len(train_entries)} train / "
-              f"{len(held_out)} held-out studies; cache {cache_dir}")
+    graphdef, state = init_state(
+        run,
+        lambda: single.create_model(config, config.seed),
+        lambda params: build_state(config, params),
+    )
+    if run.chief:
+        print(
+            f"model: {single.param_count(state['params']):,} parameters; {jax.device_count()} "
+            f"devices in {num_processes} process(es); {len(train_entries)} train / "
+            f"{len(held_out)} held-out studies; cache {cache_dir}"
+        )
 
     # Steps: the train step is jitted by `train_loop`; evaluation's here.
-    eval_step = jax.jit(make_eval_step(graphdef), out_shardings=replicated)
+    eval_step = jax.jit(make_eval_step(graphdef), out_shardings=run.replicated)
 
     # Checkpoint: resume from the latest step, the data iterator rewound with it.
     mngr = checkpoints.manager(workdir, config.checkpoint.keep)
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if chief else None
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if run.chief else None
 
     # Evals: held-out competition loss and AUC on evenly spaced slices, one picture.
     # Global row g of a batch holds local row g % L of process g // L (L rows each), i.e.
     # row (g % L) * P + g // L of the batch every process built.
     rows_per_process = global_batch // num_processes
-    global_rows = np.array([(g % rows_per_process) * num_processes + g // rows_per_process
-                            for g in range(global_batch)])
+    global_rows = np.array(
+        [
+            (g % rows_per_process) * num_processes + g // rows_per_process
+            for g in range(global_batch)
+        ]
+    )
 
     def run_eval(params) -> tuple[dict[str, float], np.ndarray | None]:
         probs = np.zeros((len(held_out), 8), np.float32)
         picture = None
         for batch in pipeline.iterate(eval_ds):
             batch = _pad_rows(batch, global_batch)
-            local = {k: v[jax.process_index()::num_processes] for k, v in batch.items()}
-            out, seg = jax.device_get(eval_step(params, to_global(local, data_sharding)))
+            local = {k: v[jax.process_index() :: num_processes] for k, v in batch.items()}
+            out, seg = jax.device_get(eval_step(params, to_global(local, run.data)))
             index = batch["study_index"][global_rows]
             probs[index[index >= 0]] = out[index >= 0]
             masked = np.flatnonzero(batch["has_mask"][global_rows] * (index >= 0))
@@ -303,37 +446,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 s = int(np.argmax((batch["mask"][row] > 0).sum(axis=(1, 2))))
                 centre = (config.data.context // 2) * len(config.data.windows)
                 picture = visualize.truth_vs_prediction(
-                    batch["image"][row, s, ..., centre], batch["mask"][row, s],
-                    seg[masked[0], s])
-        result = {"val_loss": metrics.competition_loss(held_out_labels, probs),
-                  "val_auc_patient_overall": metrics.auc(held_out_labels[:, 0], probs[:, 0])}
+                    batch["image"][row, s, ..., centre], batch["mask"][row, s], seg[masked[0], s]
+                )
+        result = {
+            "val_loss": metrics.competition_loss(held_out_labels, probs),
+            "val_auc_patient_overall": metrics.auc(held_out_labels[:, 0], probs[:, 0]),
+        }
         return result, picture
 
     # Loop.
-    state, _ = train_loop("train", config, config, make_train_step(graphdef, tx, config),
-                          state, train_iter, mngr, run_eval, data_sharding, writer,
-                          progress=progress)
+    train_loop(
+        "train",
+        config,
+        config,
+        make_train_step(graphdef, tx, config),
+        state,
+        train_iter,
+        mngr,
+        run_eval,
+        run.data,
+        writer,
+        progress=progress,
+    )
+    checkpoints.close(mngr)
 
     # Final: the best checkpoint on every slice of every held-out study.
-    best = checkpoints.best_step(mngr)
-    best_params = checkpoints.restore(mngr, best, state)["params"]
-    checkpoints.close(mngr)
-    results = {}
-    if chief:
-        predictor = evaluation.StudyPredictor(nnx.merge(graphdef, best_params),
-                                              config.data.context)
-        results, predictions = evaluation.evaluate_entries(predictor, held_out,
-                                                           progress=progress)
-        results = {"step": float(best), **results}
-        report.write_report(os.path.join(workdir, "eval"), held_out_labels, predictions.probs,
-                            predictions.confusion, writer=writer, step=best)
-        with open(os.path.join(workdir, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        for k, v in results.items():
-            if np.isfinite(v):
-                writer.add_scalar(f"final/{k}", v, best)
-        writer.close()
-        print(f"held-out results (best checkpoint, step {best}, {len(held_out)} studies):")
-        print(evaluation.format_table(results))
-    multihost_utils.sync_global_devices("evaluated")
-    return results
+    return finish_run(run, workdir, len(held_out), writer, progress=progress)
+
+
+def build_state(config: ml_collections.ConfigDict, params: Any) -> dict[str, Any]:
+    """The single model's train state: its parameters and their AdamW state."""
+    return {"params": params, "opt_state": optim.make_optimizer(config.optim).init(params)}
+
+
+SYSTEM = systems.System(
+    create_model=single.create_model,
+    build_state=build_state,
+    make_predictor=lambda model, config: evaluation.StudyPredictor(model, config.data.context),
+    train_and_evaluate=train_and_evaluate,
+)

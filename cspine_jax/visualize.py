@@ -5,10 +5,22 @@ from __future__ import annotations
 import numpy as np
 
 # Background transparent, then C1..C7 in distinct hues (matplotlib's tab10 order).
-VERTEBRA_COLOURS = np.array([
-    [0, 0, 0], [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
-    [148, 103, 189], [140, 86, 75], [227, 119, 194],
-], np.float32) / 255.0
+VERTEBRA_COLOURS = (
+    np.array(
+        [
+            [0, 0, 0],
+            [31, 119, 180],
+            [255, 127, 14],
+            [44, 160, 44],
+            [214, 39, 40],
+            [148, 103, 189],
+            [140, 86, 75],
+            [227, 119, 194],
+        ],
+        np.float32,
+    )
+    / 255.0
+)
 
 
 def label_overlay(gray: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:

@@ -8,11 +8,11 @@ JAX reads the CPU device count when its backend initialises, so it is fixed here
 any test imports jax: 8 simulated CPU devices let the sharding tests run on one machine.
 
 The end-to-end tests run `python train.py --config=configs/tiny.py` in subprocesses, as a user
-would, over one tiny phantom set and cache made once per session (`data_env`).
+would, over one tiny phantom set and cache made once per session (`data_env`); the helpers
+that start and read those runs are in tests/helpers.py.
 """
 
 import os
-import subprocess
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/cspine_jax/jax"))
@@ -20,9 +20,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/
 import hypothesis  # noqa: E402, F401
 import jax  # noqa: E402
 import pytest  # noqa: E402
-
-# The kill -9 soak's helpers start and read tiny runs for every end-to-end test.
-from benchmarks.interruption_soak import ROOT, latest_params, train_cmd  # noqa: E402, F401
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
@@ -56,12 +53,3 @@ def phantom_dir(data_env):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CSPINE_CACHE", data_env[0]["CSPINE_CACHE"])
         return sources.phantom_dir(tiny.get_config().data.phantom)
-
-
-def run_train(env, workdir, *overrides, devices=1, timeout=600):
-    """Runs `train_cmd` to completion on `devices` CPU devices; fails the test on an error."""
-    result = subprocess.run(train_cmd(workdir, *overrides), cwd=ROOT, capture_output=True,
-                            text=True, timeout=timeout,
-                            env={**env, "JAX_NUM_CPU_DEVICES": str(devices)})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result

@@ -13,9 +13,13 @@ def _batch(warp):
     rng = np.random.default_rng(0)
     image = rng.random((B, S, G, G, C), np.float32)
     image[..., -1] = np.arange(S, dtype=np.float32)[None, :, None, None] / S
-    return {"image": image, "mask": rng.integers(0, 8, (B, S, G, G)).astype(np.int32),
-            "fracture": rng.integers(0, 2, (B, S, G, G)).astype(np.int32),
-            "warp": np.asarray(warp, np.float32), "labels": np.ones((B, 8), np.float32)}
+    return {
+        "image": image,
+        "mask": rng.integers(0, 8, (B, S, G, G)).astype(np.int32),
+        "fracture": rng.integers(0, 2, (B, S, G, G)).astype(np.int32),
+        "warp": np.asarray(warp, np.float32),
+        "labels": np.ones((B, 8), np.float32),
+    }
 
 
 def _warp(batch):
@@ -36,15 +40,16 @@ def test_quarter_turn_shift_and_labels():
     for k in ("mask", "fracture"):
         turned = np.rot90(batch[k][0], k=1, axes=(1, 2))  # content turns towards +x -> -y
         turned_alt = np.rot90(batch[k][0], k=-1, axes=(1, 2))
-        assert (np.array_equal(out[k][0], turned) or np.array_equal(out[k][0], turned_alt)), k
+        assert np.array_equal(out[k][0], turned) or np.array_equal(out[k][0], turned_alt), k
         assert out[k].dtype == batch[k].dtype
         moved = np.zeros_like(batch[k][1])
         moved[:, 2:, : G - 3] = batch[k][1][:, : G - 2, 3:]
         np.testing.assert_array_equal(out[k][1], moved, err_msg=k)
     # The position channel is constant in-plane: warping must not touch (or blank) it.
     np.testing.assert_array_equal(out["image"][..., -1], batch["image"][..., -1])
-    np.testing.assert_allclose(out["image"][1, :, 2:, : G - 3, :-1],
-                               batch["image"][1, :, : G - 2, 3:, :-1], atol=1e-6)
+    np.testing.assert_allclose(
+        out["image"][1, :, 2:, : G - 3, :-1], batch["image"][1, :, : G - 2, 3:, :-1], atol=1e-6
+    )
 
 
 def test_rotation_direction_matches_for_image_and_labels():

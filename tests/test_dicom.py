@@ -24,8 +24,16 @@ from cspine_jax.data.dicom import DicomError, Series, load_series, read_series, 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # normal +z: superior
 
 
-def make_series(numbering="ascending", *, z=12, y=40, x=48, orientation=AXIAL, dz=1.25,
-                uid="1.2.826.0.1.3680043.8.498.1"):
+def make_series(
+    numbering="ascending",
+    *,
+    z=12,
+    y=40,
+    x=48,
+    orientation=AXIAL,
+    dz=1.25,
+    uid="1.2.826.0.1.3680043.8.498.1",
+):
     """A (z, y, x) volume whose every slice and every row/column differ, superior first.
 
     numbering: "ascending" (file 1 is the most superior), "reverse" (file 1 the most
@@ -97,7 +105,9 @@ def test_written_headers_are_ct_as_a_scanner_writes(tmp_path):
     # UIDs are deterministic per study and slice, and unique per slice.
     again = pydicom.dcmread(tmp_path / "again" / "3.dcm")
     assert (again.SOPInstanceUID, again.SeriesInstanceUID) == (
-        ds.SOPInstanceUID, ds.SeriesInstanceUID)
+        ds.SOPInstanceUID,
+        ds.SeriesInstanceUID,
+    )
     assert pydicom.dcmread(tmp_path / "4.dcm").SOPInstanceUID != ds.SOPInstanceUID
 
 
@@ -105,8 +115,18 @@ def test_unsigned_storage_clips_to_12_bits(tmp_path):
     series = make_series()
     hu = series.hu.copy()
     hu[0, 0, :3] = [-3000.0, 3071.0, 5000.0]
-    write_series(tmp_path, Series(series.uid, hu, series.spacing, series.positions,
-                                  series.orientation, series.slice_numbers), unsigned=True)
+    write_series(
+        tmp_path,
+        Series(
+            series.uid,
+            hu,
+            series.spacing,
+            series.positions,
+            series.orientation,
+            series.slice_numbers,
+        ),
+        unsigned=True,
+    )
     ds = pydicom.dcmread(tmp_path / "1.dcm")
     assert (ds.PixelRepresentation, ds.BitsStored, ds.pixel_array.dtype) == (0, 12, np.uint16)
 
@@ -194,8 +214,9 @@ def test_decodes_other_transfer_syntaxes(tmp_path, name):
     source = get_testdata_file(name)
     shutil.copy(source, tmp_path / "1.dcm")
     above = pydicom.dcmread(source)
-    above.ImagePositionPatient = [float(v) + d for v, d in zip(above.ImagePositionPatient,
-                                                              (0, 0, 3.0), strict=True)]
+    above.ImagePositionPatient = [
+        float(v) + d for v, d in zip(above.ImagePositionPatient, (0, 0, 3.0), strict=True)
+    ]
     above.save_as(tmp_path / "2.dcm")
 
     loaded = load_series(tmp_path)
@@ -230,8 +251,12 @@ def _load_error_cases():
 
     def other_series(d):
         other = make_series(uid="1.2.826.0.1.3680043.8.498.2")
-        write_series(d, Series(other.uid, other.hu[:1], other.spacing, other.positions[:1],
-                               other.orientation, [99]))
+        write_series(
+            d,
+            Series(
+                other.uid, other.hu[:1], other.spacing, other.positions[:1], other.orientation, [99]
+            ),
+        )
         return d
 
     def truncated(d):
@@ -247,31 +272,45 @@ def _load_error_cases():
         def corrupt(d):
             _edit(d / f"{number}.dcm", **changes)
             return {"folder": d, "file": d / f"{number}.dcm"}[named]
+
         return corrupt
 
     return [
         ("several series", other_series, "several series"),
-        ("duplicate position",
-         edited(5, "folder", ImagePositionPatient=[-60.0, -70.0, 90.0 - 1.25 * 5]),
-         "duplicate slice position .* 5.dcm and 6.dcm"),
+        (
+            "duplicate position",
+            edited(5, "folder", ImagePositionPatient=[-60.0, -70.0, 90.0 - 1.25 * 5]),
+            "duplicate slice position .* 5.dcm and 6.dcm",
+        ),
         ("gap", missing_slice, "inconsistent slice spacing: 2.5000 mm between 5.dcm and 7.dcm"),
-        ("pixel spacing", edited(3, "file", PixelSpacing=[0.7, 0.65]),
-         "inconsistent PixelSpacing"),
+        ("pixel spacing", edited(3, "file", PixelSpacing=[0.7, 0.65]), "inconsistent PixelSpacing"),
         ("rows", edited(3, "file", Rows=20), "inconsistent Rows/Columns"),
-        ("orientation", edited(3, "file", ImageOrientationPatient=[1, 0, 0, 0, 0.995, 0.0998]),
-         "inconsistent ImageOrientationPatient"),
-        ("no position", edited(7, "file", ImagePositionPatient=None),
-         "missing ImagePositionPatient"),
-        ("no orientation", edited(7, "file", ImageOrientationPatient=None),
-         "missing ImageOrientationPatient"),
+        (
+            "orientation",
+            edited(3, "file", ImageOrientationPatient=[1, 0, 0, 0, 0.995, 0.0998]),
+            "inconsistent ImageOrientationPatient",
+        ),
+        (
+            "no position",
+            edited(7, "file", ImagePositionPatient=None),
+            "missing ImagePositionPatient",
+        ),
+        (
+            "no orientation",
+            edited(7, "file", ImageOrientationPatient=None),
+            "missing ImageOrientationPatient",
+        ),
         ("no pixel spacing", edited(7, "file", PixelSpacing=None), "missing PixelSpacing"),
         ("no pixels", edited(8, "file", PixelData=None), "no pixel data"),
         ("truncated", truncated, "cannot decode pixel data"),
     ]
 
 
-@pytest.mark.parametrize("corrupt, problem", [c[1:] for c in _load_error_cases()],
-                         ids=[c[0] for c in _load_error_cases()])
+@pytest.mark.parametrize(
+    "corrupt, problem",
+    [c[1:] for c in _load_error_cases()],
+    ids=[c[0] for c in _load_error_cases()],
+)
 def test_load_errors_name_the_path(tmp_path, corrupt, problem):
     write_series(tmp_path, make_series())
     named = corrupt(tmp_path)
@@ -283,12 +322,18 @@ def test_load_errors_name_the_path(tmp_path, corrupt, problem):
 
 def test_empty_and_single_slice_folders(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
-    with pytest.warns(UserWarning, match="notes.txt"), pytest.raises(DicomError,
-                                                                     match="no DICOM files"):
+    with (
+        pytest.warns(UserWarning, match="notes.txt"),
+        pytest.raises(DicomError, match="no DICOM files"),
+    ):
         load_series(tmp_path)
     series = make_series()
-    write_series(tmp_path, Series(series.uid, series.hu[:1], series.spacing,
-                                  series.positions[:1], series.orientation, [1]))
+    write_series(
+        tmp_path,
+        Series(
+            series.uid, series.hu[:1], series.spacing, series.positions[:1], series.orientation, [1]
+        ),
+    )
     with pytest.warns(UserWarning), pytest.raises(DicomError, match=f"{tmp_path}: only one"):
         load_series(tmp_path)
 
@@ -322,8 +367,20 @@ def test_files_not_named_by_number_use_instance_number(tmp_path):
 def test_series_rejects_inconsistent_shapes():
     series = make_series()
     with pytest.raises(ValueError, match="positions"):
-        Series(series.uid, series.hu, series.spacing, series.positions[1:], series.orientation,
-               series.slice_numbers)
+        Series(
+            series.uid,
+            series.hu,
+            series.spacing,
+            series.positions[1:],
+            series.orientation,
+            series.slice_numbers,
+        )
     with pytest.raises(ValueError, match="slice_numbers"):
-        Series(series.uid, series.hu, series.spacing, series.positions, series.orientation,
-               series.slice_numbers[:-1])
+        Series(
+            series.uid,
+            series.hu,
+            series.spacing,
+            series.positions,
+            series.orientation,
+            series.slice_numbers[:-1],
+        )

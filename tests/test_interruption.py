@@ -2,7 +2,8 @@
 mid-deletion of a checkpoint, mid-study), then resume: no listed checkpoint and no cache
 entry is ever half-written, and the result equals an uninterrupted run bitwise.
 
-The kill loops live in benchmarks/interruption_soak.py, which runs them many more times.
+The kill loops live in tests/helpers.py; benchmarks/interruption_soak.py runs them many more
+times. Every test here starts and kills processes: the whole module is `slow`.
 """
 
 import random
@@ -15,19 +16,22 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, run_train
 
-from benchmarks.interruption_soak import (
+from cspine_jax import checkpoints
+from tests.helpers import (
+    ROOT,
     assert_caches_equal,
     assert_entries_match,
     check_checkpoints,
     latest_params,
     prepare_cmd,
+    run_train,
     soak_prepare,
     soak_training,
     train_cmd,
 )
-from cspine_jax import checkpoints
+
+pytestmark = pytest.mark.slow
 
 STEPS, EVERY = 16, 2
 OVERRIDES = (f"--config.optim.steps={STEPS}", f"--config.checkpoint.every={EVERY}")
@@ -97,10 +101,15 @@ checkpoints.close(mngr)
 """
 
 
-def test_kill_half_way_through_deleting_a_step_leaves_every_listed_step_readable(env,
-                                                                                tmp_path):
-    result = subprocess.run([sys.executable, "-c", _KILL_MID_DELETION, str(tmp_path)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def test_kill_half_way_through_deleting_a_step_leaves_every_listed_step_readable(env, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", _KILL_MID_DELETION, str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     mngr = checkpoints.manager(str(tmp_path), read_only=True)
     steps = mngr.all_steps()
@@ -115,7 +124,8 @@ def test_kill_half_way_through_deleting_a_step_leaves_every_listed_step_readable
     # The next run's manager clears what the kill left half-deleted.
     checkpoints.close(checkpoints.manager(str(tmp_path), keep=1))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        str(s) for s in sorted(steps)]
+        str(s) for s in sorted(steps)
+    ]
 
 
 def test_diverging_run_stops_in_one_line_and_keeps_its_checkpoints(env, straight, tmp_path):
@@ -123,14 +133,28 @@ def test_diverging_run_stops_in_one_line_and_keeps_its_checkpoints(env, straight
     shutil.copytree(straight, workdir)
     listed = check_checkpoints(workdir)
     # A NaN learning rate: every gradient finite, every update NaN.
-    result = subprocess.run(train_cmd(workdir, f"--config.optim.steps={STEPS + 8}",
-                                      f"--config.checkpoint.every={EVERY}",
-                                      "--config.optim.lr=nan"),
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        train_cmd(
+            workdir,
+            f"--config.optim.steps={STEPS + 8}",
+            f"--config.checkpoint.every={EVERY}",
+            "--config.optim.lr=nan",
+        ),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        f"train.py: error: loss, gradients or parameters not finite in steps {STEPS + 1}-"
-        f"{STEPS + 2}; stopping with the last good parameters in {workdir}/checkpoints.")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"train.py: error: loss, gradients or parameters not finite in steps {STEPS + 1}-"
+            f"{STEPS + 2}; stopping with the last good parameters in {workdir}/checkpoints."
+        )
+    )
     assert check_checkpoints(workdir) == listed
     _assert_same_params(straight, workdir)
 
@@ -159,13 +183,24 @@ app.run(lambda argv: sys.exit(prepare.main(argv)))
 
 def test_prepare_killed_mid_study_resumes_to_the_same_cache(env, phantom_dir, tmp_path):
     reference, out = tmp_path / "reference", tmp_path / "killed"
-    result = subprocess.run(prepare_cmd(phantom_dir, reference), cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        prepare_cmd(phantom_dir, reference),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
-    killed = subprocess.run([sys.executable, "-c", _KILL_BEFORE_PUBLISHING,
-                             *prepare_cmd(phantom_dir, out)[3:]],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_BEFORE_PUBLISHING, *prepare_cmd(phantom_dir, out)[3:]],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     (unpublished,) = [p for p in (out / "studies").iterdir() if p.name.startswith(".tmp-")]
     assert (unpublished / "meta.json").exists()  # complete, yet not an entry

@@ -34,8 +34,9 @@ def test_competition_loss_on_hand_made_cases():
     # A positive study's weights make its patient_overall error count double.
     only_overall_wrong = y.copy()
     only_overall_wrong[:, 0] = 1 - y[:, 0]
-    per_study = [_direct(y[i:i + 1], np.clip(only_overall_wrong[i:i + 1], 0.2, 0.8))
-                 for i in range(3)]
+    per_study = [
+        _direct(y[i : i + 1], np.clip(only_overall_wrong[i : i + 1], 0.2, 0.8)) for i in range(3)
+    ]
     assert per_study[0] > per_study[1]
     with pytest.raises(ValueError, match=r"\(n, 8\)"):
         metrics.competition_loss(y[:, :7], p[:, :7])
@@ -50,7 +51,8 @@ def test_study_metrics_agree_with_scikit_learn():
     for j, name in enumerate(("patient_overall", "C1", "C2", "C3", "C4", "C5", "C6", "C7")):
         assert out[f"auc_{name}"] == pytest.approx(skm.roc_auc_score(y[:, j], p[:, j]))
     assert out["auc_mean_vertebra"] == pytest.approx(
-        np.mean([skm.roc_auc_score(y[:, j], p[:, j]) for j in range(1, 8)]))
+        np.mean([skm.roc_auc_score(y[:, j], p[:, j]) for j in range(1, 8)])
+    )
     pred = p[:, 1:] >= 0.5
     assert out["macro_f1"] == pytest.approx(skm.f1_score(y[:, 1:], pred, average="macro"))
     assert out["exact_match"] == pytest.approx(skm.accuracy_score(y[:, 1:], pred))

@@ -1,4 +1,4 @@
-"""SpineNet: shapes and sizes per config, pooling invariances, chunked inference, losses,
+"""SingleModel: shapes and sizes per config, pooling invariances, chunked inference, losses,
 a short overfit and bf16 compute.
 
 Every jitted function is built once per module (fixtures) and called at one shape where
@@ -15,7 +15,7 @@ from flax import nnx
 from configs import default, rsna, tiny
 from cspine_jax.data.rsna import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS
 from cspine_jax.models import heads
-from cspine_jax.models import spine_net as sn
+from cspine_jax.models import single as sn
 
 B, S, GRID = 2, 4, 32
 CONFIGS = dict(tiny=tiny.get_config, default=default.get_config, rsna=rsna.get_config)
@@ -47,10 +47,16 @@ def _batch(config, seed=0):
     slice_fracture[0, 1] = 1.0
     fracture = np.zeros((B, S, GRID, GRID), np.int32)
     fracture[0, 1, 12:16, 8:24] = 1
-    batch = dict(image=image, mask=mask, has_mask=np.array([1, 0], np.float32),
-                 slice_fracture=slice_fracture, fracture=fracture,
-                 has_boxes=np.array([1, 0], np.float32),
-                 labels=labels, valid=np.ones((B, S), np.float32))
+    batch = dict(
+        image=image,
+        mask=mask,
+        has_mask=np.array([1, 0], np.float32),
+        slice_fracture=slice_fracture,
+        fracture=fracture,
+        has_boxes=np.array([1, 0], np.float32),
+        labels=labels,
+        valid=np.ones((B, S), np.float32),
+    )
     return jax.tree.map(jnp.asarray, batch)
 
 
@@ -83,9 +89,12 @@ def test_output_shapes_and_param_counts(name):
 
     graphdef, state = nnx.split(model)
     grid, c = config.data.grid, sn.input_channels(config)
-    out = jax.eval_shape(lambda st, x, v: nnx.merge(graphdef, st)(x, v), state,
-                         jax.ShapeDtypeStruct((B, S, grid, grid, c), jnp.float32),
-                         jax.ShapeDtypeStruct((B, S), jnp.float32))
+    out = jax.eval_shape(
+        lambda st, x, v: nnx.merge(graphdef, st)(x, v),
+        state,
+        jax.ShapeDtypeStruct((B, S, grid, grid, c), jnp.float32),
+        jax.ShapeDtypeStruct((B, S), jnp.float32),
+    )
     assert out["seg_logits"].shape == (B, S, grid // 2, grid // 2, 8)
     assert out["slice_logits"].shape == (B, S, 7)
     assert out["presence"].shape == (B, S, 7)
@@ -109,8 +118,9 @@ def test_study_logits_ignore_slice_order_and_padding(net):
     padded = jnp.concatenate([batch["image"], jnp.zeros_like(batch["image"][:, :2])], axis=1)
     valid = jnp.concatenate([batch["valid"], jnp.zeros((B, 2))], axis=1)
     order = np.array([4, 2, 0, 5, 3, 1])
-    shuffled = padded[:, order].at[:, [0, 3]].set(
-        rng.normal(size=padded[:, :2].shape).astype(np.float32))
+    shuffled = (
+        padded[:, order].at[:, [0, 3]].set(rng.normal(size=padded[:, :2].shape).astype(np.float32))
+    )
     base = net.forward(net.state, padded, valid)["study_logits"]
     moved = net.forward(net.state, shuffled, valid[:, order])["study_logits"]
     np.testing.assert_allclose(moved, base, rtol=1e-5, atol=1e-5)
@@ -129,8 +139,9 @@ def test_pool_is_order_and_padding_invariant_at_any_length(net, num_slices):
     assert study.shape == (B, 8) and bool(jnp.isfinite(study).all())
 
     perm = rng.permutation(num_slices)
-    np.testing.assert_allclose(net.pool(net.state, logits[:, perm], presence[:, perm], valid),
-                               study, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        net.pool(net.state, logits[:, perm], presence[:, perm], valid), study, rtol=1e-5, atol=1e-5
+    )
     # Padding with huge logits and full presence: only `valid` may keep them out.
     pad = lambda x, v: jnp.concatenate([x, jnp.full((B, 5, *x.shape[2:]), v)], axis=1)  # noqa: E731
     padded = net.pool(net.state, pad(logits, 1e4), pad(presence, 1.0), pad(valid, 0.0))
@@ -151,15 +162,20 @@ def test_chunked_encode_then_pool_equals_forward(net):
     batch = _batch(net.config)
     full = net.forward(net.state, batch["image"], batch["valid"])
     images = batch["image"].reshape(B * S, GRID, GRID, -1)
-    chunks = [net.encode(net.state, images[i:i + 2]) for i in range(0, B * S, 2)]
-    seg, slices, presence, fracture = (jnp.concatenate(parts)
-                                       for parts in zip(*chunks, strict=True))
-    np.testing.assert_allclose(fracture.reshape(full["fracture_logits"].shape),
-                               full["fracture_logits"], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(seg.reshape(full["seg_logits"].shape), full["seg_logits"],
-                               rtol=1e-4, atol=1e-4)
-    study = net.pool(net.state, slices.reshape(B, S, 7), presence.reshape(B, S, 7),
-                     batch["valid"])
+    chunks = [net.encode(net.state, images[i : i + 2]) for i in range(0, B * S, 2)]
+    seg, slices, presence, fracture = (
+        jnp.concatenate(parts) for parts in zip(*chunks, strict=True)
+    )
+    np.testing.assert_allclose(
+        fracture.reshape(full["fracture_logits"].shape),
+        full["fracture_logits"],
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    np.testing.assert_allclose(
+        seg.reshape(full["seg_logits"].shape), full["seg_logits"], rtol=1e-4, atol=1e-4
+    )
+    study = net.pool(net.state, slices.reshape(B, S, 7), presence.reshape(B, S, 7), batch["valid"])
     np.testing.assert_allclose(study, full["study_logits"], rtol=1e-4, atol=1e-4)
 
 
@@ -167,16 +183,22 @@ def _outputs(batch, study_logits, seg_logits=None):
     h = GRID // 2
     if seg_logits is None:
         seg_logits = jnp.zeros((B, S, h, h, 8))
-    return dict(seg_logits=seg_logits, slice_logits=jnp.zeros((B, S, 7)) - 1.0,
-                presence=jnp.ones((B, S, 7)), fracture_logits=jnp.zeros((B, S, h, h)),
-                study_logits=study_logits)
+    return dict(
+        seg_logits=seg_logits,
+        slice_logits=jnp.zeros((B, S, 7)) - 1.0,
+        presence=jnp.ones((B, S, 7)),
+        fracture_logits=jnp.zeros((B, S, h, h)),
+        study_logits=study_logits,
+    )
 
 
 def test_study_loss_is_the_competition_metric():
     config = _tiny_config()
     batch = _batch(config)
-    logits = np.array([[2.0, -1.0, 3.0, -2.0, 0.5, -0.5, 0.0, 1.0],
-                       [-3.0, 0.2, -1.5, 2.5, -4.0, 1.5, -0.1, 0.3]], np.float32)
+    logits = np.array(
+        [[2.0, -1.0, 3.0, -2.0, 0.5, -0.5, 0.0, 1.0], [-3.0, 0.2, -1.5, 2.5, -4.0, 1.5, -0.1, 0.3]],
+        np.float32,
+    )
     _, terms = sn.compute_loss(_outputs(batch, jnp.asarray(logits)), batch, config.loss)
 
     y = np.asarray(batch["labels"], np.float64)
@@ -192,8 +214,9 @@ def test_segmentation_terms_need_masks_and_reward_the_true_mask():
     batch = _batch(config)
     zeros = jnp.zeros((B, 8))
     # Positive studies without boxes: nothing says where their fractures are.
-    unmasked = dict(batch, has_mask=jnp.zeros((B,)), has_boxes=jnp.zeros((B,)),
-                    labels=jnp.ones((B, 8)))
+    unmasked = dict(
+        batch, has_mask=jnp.zeros((B,)), has_boxes=jnp.zeros((B,)), labels=jnp.ones((B, 8))
+    )
     total, terms = sn.compute_loss(_outputs(batch, zeros), unmasked, config.loss)
     assert float(terms["seg_ce"]) == 0.0 and float(terms["seg_dice"]) == 0.0
     assert float(terms["slice"]) == 0.0 and float(terms["fracture_map"]) == 0.0
@@ -254,7 +277,8 @@ def test_bfloat16_compute_keeps_float32_params_and_finite_outputs():
     assert all(p.dtype == jnp.float32 for p in params)
     batch = _batch(jitted.config)
     jaxpr = jax.make_jaxpr(lambda st, x: nnx.merge(jitted.graphdef, st).encode_slices(x))(
-        jitted.state, batch["image"][0])
+        jitted.state, batch["image"][0]
+    )
     convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     assert convs and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in convs)
 
@@ -271,17 +295,21 @@ def test_fracture_map_loss_rewards_the_box_mask():
     target = np.zeros((B, S, h, h), np.float32)
     target[0, 1, 6:8, 4:12] = 1
     exact = jnp.asarray(np.where(target > 0, 20.0, -20.0))
-    good = sn.fracture_map_loss(exact, batch["fracture"], batch["valid"], batch["has_boxes"])
-    flat = sn.fracture_map_loss(jnp.zeros((B, S, h, h)), batch["fracture"], batch["valid"],
-                                batch["has_boxes"])
+
+    def loss(logits):
+        return sn.ratio_value(
+            sn.fracture_map_loss(logits, batch["fracture"], batch["valid"], batch["has_boxes"])
+        )
+
+    good, flat = loss(exact), loss(jnp.zeros((B, S, h, h)))
     assert float(good) < 1e-6 and abs(float(flat) - np.log(2)) < 1e-4
     # Silent everywhere: only the box cells cost (20 each), weighted BOX_PIXEL_WEIGHT times.
-    silent = sn.fracture_map_loss(jnp.full((B, S, h, h), -20.0), batch["fracture"],
-                                  batch["valid"], batch["has_boxes"])
+    silent = loss(jnp.full((B, S, h, h), -20.0))
     cells = np.asarray(batch["valid"] * batch["has_boxes"][:, None]).sum() * h * h
     boxed = sn.BOX_PIXEL_WEIGHT * target.sum()
-    np.testing.assert_allclose(float(silent), 20.0 * boxed / (boxed + cells - target.sum()),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        float(silent), 20.0 * boxed / (boxed + cells - target.sum()), rtol=1e-4
+    )
 
 
 def test_fracture_evidence_goes_to_the_vertebra_under_it():
@@ -292,8 +320,9 @@ def test_fracture_evidence_goes_to_the_vertebra_under_it():
     fracture = np.full((2, 8, 8), -10.0, np.float32)
     fracture[0, 1:3, 2:6] = 10.0  # ... where 8 of them are flagged,
     fracture[1, 1, 3] = 10.0  # or only one.
-    logits = np.asarray(heads.fracture_evidence(jnp.asarray(np.repeat(seg, 2, axis=0)),
-                                                jnp.asarray(fracture)))
+    logits = np.asarray(
+        heads.fracture_evidence(jnp.asarray(np.repeat(seg, 2, axis=0)), jnp.asarray(fracture))
+    )
     # Logit of the flagged share of C2's area (32 pixels + 1 in the denominator).
     np.testing.assert_allclose(logits[:, 1], [np.log(8 / 25), np.log(1 / 32)], rtol=1e-3)
     assert (np.delete(logits, 1, axis=1) < -9.0).all()

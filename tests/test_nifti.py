@@ -10,12 +10,25 @@ from cspine_jax.data.nifti import MaskError, load_mask, write_mask
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def make_series(z=9, y=20, x=24, *, origin=(-40.0, -55.0, 70.0), spacing=(1.5, 0.8, 0.7),
-                uid="1.2.826.0.1.3680043.8.498.7"):
+def make_series(
+    z=9,
+    y=20,
+    x=24,
+    *,
+    origin=(-40.0, -55.0, 70.0),
+    spacing=(1.5, 0.8, 0.7),
+    uid="1.2.826.0.1.3680043.8.498.7",
+):
     """Axial series, superior first; HU irrelevant here, geometry is what counts."""
     positions = np.asarray(origin) + np.arange(z)[:, None] * [0.0, 0.0, -spacing[0]]
-    return Series(uid, np.zeros((z, y, x), np.float32), spacing, positions,
-                  [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], np.arange(1, z + 1))
+    return Series(
+        uid,
+        np.zeros((z, y, x), np.float32),
+        spacing,
+        positions,
+        [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+        np.arange(1, z + 1),
+    )
 
 
 def make_labels(shape, seed=0):
@@ -37,8 +50,17 @@ def test_round_trip(tmp_path, shape, suffix):
 
 def test_round_trip_with_a_reverse_numbered_dicom_study(tmp_path):
     source = make_series()
-    write_series(tmp_path / "dcm", Series(source.uid, source.hu, source.spacing, source.positions,
-                                          source.orientation, source.slice_numbers[::-1]))
+    write_series(
+        tmp_path / "dcm",
+        Series(
+            source.uid,
+            source.hu,
+            source.spacing,
+            source.positions,
+            source.orientation,
+            source.slice_numbers[::-1],
+        ),
+    )
     series = load_series(tmp_path / "dcm")
     labels = make_labels(series.shape, seed=1)
     write_mask(tmp_path / "m.nii", labels, series)
@@ -73,8 +95,9 @@ def _write_other_layout(path, labels, series, axes, flips, dtype=np.uint8):
     The affine is built from the series geometry for that layout: a consistent file that
     simply differs from the RSNA quirk.
     """
-    flipped = labels[tuple(slice(None, None, -1) if flips[axes.index(s)] else slice(None)
-                           for s in range(3))]
+    flipped = labels[
+        tuple(slice(None, None, -1) if flips[axes.index(s)] else slice(None) for s in range(3))
+    ]
     stored = flipped.transpose(axes)
     index = np.zeros((4, 4))  # stored index (a0, a1, a2, 1) -> series index (z, y, x, 1)
     for a, s in enumerate(axes):
@@ -87,10 +110,12 @@ def _write_other_layout(path, labels, series, axes, flips, dtype=np.uint8):
 
 @pytest.mark.parametrize(
     "axes, flips",
-    [((0, 1, 2), (False, False, False)),  # stored as (z, y, x), its own correct affine
-     ((2, 1, 0), (False, False, False)),  # (x, y, z) without the flips
-     ((1, 0, 2), (True, False, True)),
-     ((2, 0, 1), (False, True, True))],
+    [
+        ((0, 1, 2), (False, False, False)),  # stored as (z, y, x), its own correct affine
+        ((2, 1, 0), (False, False, False)),  # (x, y, z) without the flips
+        ((1, 0, 2), (True, False, True)),
+        ((2, 0, 1), (False, True, True)),
+    ],
 )
 def test_any_consistent_layout_loads_aligned(tmp_path, axes, flips):
     series = make_series()
@@ -103,8 +128,9 @@ def test_integer_valued_float_and_int16_masks_load(tmp_path):
     series = make_series()
     labels = make_labels(series.shape, seed=3)
     for dtype in (np.float32, np.int16):
-        _write_other_layout(tmp_path / "m.nii", labels, series, (2, 1, 0), (False, True, True),
-                            dtype)
+        _write_other_layout(
+            tmp_path / "m.nii", labels, series, (2, 1, 0), (False, True, True), dtype
+        )
         np.testing.assert_array_equal(load_mask(tmp_path / "m.nii", series), labels)
 
 
@@ -134,8 +160,9 @@ def test_non_integer_labels_are_rejected(tmp_path):
     series = make_series()
     labels = make_labels(series.shape).astype(np.float32)
     labels[4, 5, 6] = 2.5
-    _write_other_layout(tmp_path / "m.nii", labels, series, (0, 1, 2), (False, False, False),
-                        np.float32)
+    _write_other_layout(
+        tmp_path / "m.nii", labels, series, (0, 1, 2), (False, False, False), np.float32
+    )
     with pytest.raises(MaskError, match="non-integer") as err:
         load_mask(tmp_path / "m.nii", series)
     assert str(err.value).startswith(f"{tmp_path / 'm.nii'}: ")

@@ -119,7 +119,7 @@ def test_fracture_changes_the_image_locally_and_inside_its_boxes(demo_studies):
     fractured = [v.label for v in plan.vertebrae if v.fracture]
     near_vertebra = ndimage.binary_dilation(np.isin(intact_labels, fractured), iterations=3)
     assert changed[~near_vertebra].sum() == 0  # same noise, same patient: nothing else moves
-    boxes = phantom._boxes(footprints, np.arange(1, hu.shape[0] + 1), plan.grid.spacing[1])
+    boxes = phantom.writer._boxes(footprints, np.arange(1, hu.shape[0] + 1), plan.grid.spacing[1])
     assert boxes
     in_box = np.zeros(hu.shape, bool)
     for b in boxes:
@@ -226,6 +226,7 @@ def test_written_files_load_back(written):
         assert (labels[region][bone] > 0).mean() >= 0.95
 
 
+@pytest.mark.slow
 def test_output_does_not_depend_on_worker_count(written, tmp_path):
     phantom.write_dataset(
         tmp_path, 4, seed=8, size="tiny", workers=2, mask_fraction=0.5, box_fraction=1.0

@@ -9,10 +9,18 @@ from cspine_jax.data.preprocess import Prepared
 GRID, WINDOWS, SLICES, CONTEXT = 16, 2, 5, 3
 DATA = {
     "num_slices": SLICES,
+    "eval_slices": SLICES,
     "context": CONTEXT,
+    "fracture_focus": 0.0,
     "positive_oversample": 1.0,
-    "augment": {"flip": True, "rotate_deg": 10.0, "scale": 0.1, "shift": 0.05, "intensity": 0.05,
-                "noise": 0.02},
+    "augment": {
+        "flip": True,
+        "rotate_deg": 10.0,
+        "scale": 0.1,
+        "shift": 0.05,
+        "intensity": 0.05,
+        "noise": 0.02,
+    },
 }
 
 
@@ -34,6 +42,25 @@ def entries(tmp_path_factory):
         labels = np.array([i % 3 == 0] + [i % 3 == 0] + [0] * 6, np.float32)
         prepared = Prepared(image, mask, fracture, (2.0, 1.0, 1.0))
         cache.write_entry(root, f"1.2.{i}", prepared, labels, has_boxes=i % 3 == 0, extra={})
+    return cache.read_entries(root)
+
+
+@pytest.fixture(scope="module")
+def textured(tmp_path_factory):
+    """Six studies whose every pixel is random (image, vertebra labels 0-19 with the thoracic
+    8-19, scattered fracture pixels), so that any flip or misplaced slice shows; studies 1, 3
+    and 5 have no mask."""
+    root = str(tmp_path_factory.mktemp("textured"))
+    cache.open_cache(root, {"grid": GRID})
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        z = 9 + i
+        image = rng.integers(0, 256, (z, GRID, GRID, WINDOWS)).astype(np.uint8)
+        mask = rng.integers(0, 20, (z, GRID, GRID)).astype(np.uint8) if i % 2 == 0 else None
+        fracture = (rng.random((z, GRID, GRID)) < 0.2).astype(np.uint8)
+        labels = np.array([i % 3 == 0] + [i % 3 == 0] + [0] * 6, np.float32)
+        prepared = Prepared(image, mask, fracture, (2.0, 1.0, 1.0))
+        cache.write_entry(root, f"1.3.{i}", prepared, labels, has_boxes=True, extra={})
     return cache.read_entries(root)
 
 
@@ -71,6 +98,55 @@ def test_batch_shapes_and_dtypes(entries):
     assert np.isfinite(batch["image"]).all()
 
 
+def test_training_batch_is_the_cache_at_the_sampled_slices_flipped_alike(textured):
+    """Every row and slice of a training batch: the cached image, mask and fracture map at the
+    slice's centre (read back from the position channel) and its neighbours, all flipped or
+    none; thoracic labels background; has_mask 1 exactly for the studies with a mask.
+
+    Intensity changes and noise are off, so the image must equal the cache exactly; the flip
+    is recovered from the image (random pixels match one orientation only)."""
+    data = {**DATA, "augment": {**DATA["augment"], "intensity": 0.0, "noise": 0.0}}
+    it = pipeline.iterate(pipeline.train_dataset(textured, data, seed=5, global_batch=6))
+    offsets = np.arange(CONTEXT) - CONTEXT // 2
+    flips, thoracic = [], 0
+    for batch in _batches(it, 3):
+        for row, index in enumerate(batch["study_index"]):
+            entry = textured[index]
+            z = entry.num_slices
+            position = batch["image"][row, :, :, :, -1]
+            assert (position == position[:, :1, :1]).all()  # constant in-plane
+            centres = np.rint(position[:, 0, 0] * (z - 1)).astype(int)
+            np.testing.assert_allclose(position[:, 0, 0], centres / (z - 1), atol=1e-6)
+            assert ((0 <= centres) & (centres < z)).all()
+
+            source = np.clip(centres[:, None] + offsets[None, :], 0, z - 1)  # (S, K)
+            cached = np.asarray(entry.image())[source]  # (S, K, G, G, W)
+            image = cached.transpose(0, 2, 3, 1, 4).reshape(SLICES, GRID, GRID, -1) / 255.0
+            got = batch["image"][row, ..., :-1]
+            flipped = np.allclose(got, image[:, :, ::-1], rtol=0, atol=1e-6)
+            unflipped = np.allclose(got, image, rtol=0, atol=1e-6)
+            assert flipped != unflipped, f"row {row}: not the cached slices, nor their flip"
+            flips.append(flipped)
+            flip = (lambda x: x[:, :, ::-1]) if flipped else (lambda x: x)
+
+            fracture = flip(np.asarray(entry.fracture())[centres])
+            np.testing.assert_array_equal(batch["fracture"][row], fracture)
+            np.testing.assert_array_equal(batch["slice_fracture"][row], fracture.any(axis=(1, 2)))
+            assert batch["has_mask"][row] == float(entry.has_mask)
+            if entry.has_mask:
+                cached_mask = flip(np.asarray(entry.mask())[centres])
+                thoracic += int((cached_mask > 7).sum())
+                np.testing.assert_array_equal(
+                    batch["mask"][row], np.where(cached_mask <= 7, cached_mask, 0)
+                )
+            else:
+                assert not batch["mask"][row].any()
+            np.testing.assert_array_equal(batch["labels"][row], entry.labels)
+    assert any(flips) and not all(flips), flips  # both orientations were checked
+    assert thoracic > 0  # thoracic labels were sampled and became background
+    assert {e.has_mask for e in textured} == {True, False}
+
+
 def test_context_channels_are_neighbouring_slices(entries):
     ds = pipeline.eval_dataset(entries, DATA, batch_size=8)
     batch = next(pipeline.iterate(ds))
@@ -101,15 +177,17 @@ def test_evaluation_examples_take_eval_slices(entries):
 
 def test_deterministic_per_seed(entries):
     def first(seed):
-        return _batches(pipeline.iterate(
-            pipeline.train_dataset(entries, DATA, seed=seed, global_batch=2)), 3)
+        return _batches(
+            pipeline.iterate(pipeline.train_dataset(entries, DATA, seed=seed, global_batch=2)), 3
+        )
 
     _assert_same(first(3), first(3))
     a, b = first(3), first(4)
     assert not all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+# workers=2 starts Grain worker processes: slow.
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_resumes_exactly_from_saved_state(entries, workers):
     ds = pipeline.train_dataset(entries, DATA, seed=1, global_batch=2)
     reference = _batches(pipeline.iterate(ds), 7)
@@ -127,11 +205,18 @@ def test_resumes_exactly_from_saved_state(entries, workers):
 
 
 def test_processes_split_each_global_batch(entries):
-    global_batches = _batches(pipeline.iterate(
-        pipeline.train_dataset(entries, DATA, seed=2, global_batch=4)), 3)
+    global_batches = _batches(
+        pipeline.iterate(pipeline.train_dataset(entries, DATA, seed=2, global_batch=4)), 3
+    )
     shards = [
-        _batches(pipeline.iterate(pipeline.train_dataset(
-            entries, DATA, seed=2, global_batch=4, process_index=p, process_count=2)), 3)
+        _batches(
+            pipeline.iterate(
+                pipeline.train_dataset(
+                    entries, DATA, seed=2, global_batch=4, process_index=p, process_count=2
+                )
+            ),
+            3,
+        )
         for p in range(2)
     ]
     for step, full in enumerate(global_batches):

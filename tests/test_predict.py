@@ -1,7 +1,11 @@
-"""Single-study triage CLI, its fracture saliency, and the evaluation report pictures.
+"""Single-study triage CLI, its fracture saliency, the triage picture's geometry, and the
+evaluation report pictures.
 
 The CLI runs in a subprocess, as a user runs it, against a tiny run trained once for the
-module (`python train.py --config=configs/tiny.py`, 2 steps) on a tiny phantom study.
+module (`python train.py --config=configs/tiny.py`, 2 steps) on a tiny phantom study, and
+against a tiny checkpoint whose output layers are drawn at random (`save_random_heads_run`):
+two training steps leave those layers near their zero start, so every study and level gets
+nearly the same probability, too alike for a comparison of probabilities to tell them apart.
 """
 
 import json
@@ -13,9 +17,10 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from cspine_jax import checkpoints, evaluation, predict, report
+from cspine_jax import checkpoints, evaluation, report, saliency, triage_figure
 from cspine_jax.data import dicom, phantom, pipeline, prepare, preprocess
-from cspine_jax.data.rsna import LABEL_COLUMNS
+from cspine_jax.data.rsna import LABEL_COLUMNS, VERTEBRAE
+from tests.helpers import save_random_heads_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,8 +29,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def env(tmp_path_factory):
     """Subprocess environment: CPU, one device, a private phantom/prepared cache root."""
     root = str(tmp_path_factory.mktemp("cspine_cache"))
-    env = {**os.environ, "CSPINE_CACHE": root, "JAX_PLATFORMS": "cpu",
-           "JAX_NUM_CPU_DEVICES": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "CSPINE_CACHE": root,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_NUM_CPU_DEVICES": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("XLA_FLAGS", None)
     return env
 
@@ -34,9 +44,20 @@ def env(tmp_path_factory):
 def tiny_run(env, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     result = subprocess.run(
-        [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
-         "--config.optim.steps=2", "--config.checkpoint.every=2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "train.py",
+            "--config=configs/tiny.py",
+            f"--workdir={workdir}",
+            "--config.optim.steps=2",
+            "--config.checkpoint.every=2",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return workdir
 
@@ -51,24 +72,43 @@ def tiny_study(tmp_path_factory):
 
 
 def _predict(env, *args):
-    return subprocess.run([sys.executable, "-m", "cspine_jax.predict", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "cspine_jax.predict", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
-def test_cli_writes_probabilities_and_picture(env, tiny_run, tiny_study, tmp_path):
-    folder, series = tiny_study
-    result = _predict(env, folder, f"--workdir={tiny_run}", f"--out={tmp_path}")
+def _predict_into(env, study, workdir, out):
+    """The JSON record of one CLI run on `study` (folder, Series)."""
+    folder, series = study
+    result = _predict(env, folder, f"--workdir={workdir}", f"--out={out}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(out / f"{series.uid}.json") as f:
+        return json.load(f)
 
-    with open(tmp_path / f"{series.uid}.json") as f:
-        record = json.load(f)
+
+@pytest.fixture(scope="module")
+def predicted(env, tiny_run, tiny_study, tmp_path_factory):
+    """(output folder, its JSON record) of one CLI run of the trained run on the tiny study."""
+    out = tmp_path_factory.mktemp("predicted")
+    return out, _predict_into(env, tiny_study, tiny_run, out)
+
+
+@pytest.mark.slow
+def test_cli_writes_probabilities_and_picture(predicted, tiny_study):
+    out, record = predicted
+    _, series = tiny_study
     probs = np.array([record[name] for name in LABEL_COLUMNS])
     assert probs.dtype == np.float64 and np.all((probs >= 0) & (probs <= 1)), record
     assert record["checkpoint_step"] == 2
     assert record["num_slices"] == series.hu.shape[0]
     assert record["seconds"] > 0
 
-    png = tmp_path / f"{series.uid}.png"
+    png = out / f"{series.uid}.png"
     assert png.stat().st_size > 10_000
     picture = mpimg.imread(png)
     # Three panels side by side at 150 dpi: wider than tall, and not a blank canvas.
@@ -77,6 +117,50 @@ def test_cli_writes_probabilities_and_picture(env, tiny_run, tiny_study, tmp_pat
     assert picture[..., :3].std() > 0.05
 
 
+def _study_predictor_probs(workdir: str, folder: str) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, those of the study upside down) by evaluation's whole-study predictor
+    of `workdir`'s best checkpoint, on `folder` prepared as predict prepares it."""
+    model, config, _ = checkpoints.load_model(workdir)
+    params = prepare.preprocessing_params(config.data)
+    image = preprocess.prepare_series(dicom.load_series(folder), **params).image
+    predictor = evaluation.StudyPredictor(model, config.data.context)
+    return predictor(image).probs, predictor(image[::-1]).probs
+
+
+def _written(record) -> np.ndarray:
+    return np.array([record[name] for name in LABEL_COLUMNS])
+
+
+@pytest.mark.slow
+def test_cli_probabilities_are_the_whole_study_predictors(predicted, tiny_run, tiny_study):
+    """The trained run: the JSON's probabilities are evaluation's on the same study."""
+    _, record = predicted
+    expected, _ = _study_predictor_probs(tiny_run, tiny_study[0])
+    np.testing.assert_allclose(_written(record), expected, rtol=0, atol=1e-5)
+    suspected = np.flatnonzero(expected[1:] > saliency.SUSPECT_THRESHOLD)
+    assert record["suspected"] == [VERTEBRAE[i] for i in suspected]
+
+
+@pytest.mark.slow
+def test_cli_probabilities_tell_studies_and_levels_apart(env, tiny_study, tmp_path):
+    """A checkpoint whose probabilities differ by study and by level: the JSON's are
+    evaluation's, closer than any other input or level would give."""
+    folder, _ = tiny_study
+    workdir = str(tmp_path / "run")
+    save_random_heads_run(workdir)
+    out = tmp_path / "out"
+    out.mkdir()
+    record = _predict_into(env, tiny_study, workdir, out)
+    expected, upside_down = _study_predictor_probs(workdir, folder)
+    np.testing.assert_allclose(_written(record), expected, rtol=0, atol=1e-5)
+    assert record["checkpoint_step"] == 2
+    # What the tolerance rules out: another input, or another level's probability.
+    assert np.abs(upside_down - expected).max() > 1e-3
+    gaps = np.abs(expected[:, None] - expected[None, :]) + np.eye(len(expected))
+    assert gaps.min() > 1e-4, expected
+
+
+@pytest.mark.slow
 def test_cli_errors_are_one_line_and_exit_1(env, tiny_run, tiny_study, tmp_path):
     not_dicom = tmp_path / "notes"
     not_dicom.mkdir()
@@ -103,30 +187,40 @@ def test_unstack_context_is_the_adjoint_of_stack_context():
     grads = rng.normal(size=(len(centres), g, g, context * windows)).astype(np.float32)
     forward = np.sum(pipeline.stack_context(volume, centres, context) * grads)
     volume_grads = np.zeros_like(volume)
-    predict.unstack_context(grads, centres, context, volume_grads)
+    saliency.unstack_context(grads, centres, context, volume_grads)
     backward = np.sum(volume * volume_grads)
     np.testing.assert_allclose(forward, backward, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_saliency_is_finite_nonzero_and_independent_of_the_chunk(tiny_run, tiny_study):
     model, config, _ = checkpoints.load_model(tiny_run)
     _, series = tiny_study
     image = preprocess.prepare_series(series, **prepare.preprocessing_params(config.data)).image
     levels = np.zeros(7, np.float32)
     levels[[1, 4]] = 1.0
-    chunked = predict.FractureSaliency(
-        evaluation.StudyPredictor(model, config.data.context, chunk=8))
+    chunked = saliency.FractureSaliency(
+        evaluation.StudyPredictor(model, config.data.context, chunk=8)
+    )
     assert image.shape[0] % 8, "the last chunk should need padding"
-    saliency = chunked(image, levels)
-    assert saliency.shape == image.shape[:3]
-    assert np.isfinite(saliency).all() and saliency.max() > 0
-    whole = predict.FractureSaliency(
-        evaluation.StudyPredictor(model, config.data.context, chunk=image.shape[0]))
-    np.testing.assert_allclose(saliency, whole(image, levels), rtol=1e-4,
-                               atol=1e-6 * saliency.max())
+    heat = chunked(image, levels)
+    assert heat.shape == image.shape[:3]
+    assert np.isfinite(heat).all() and heat.max() > 0
+    whole = saliency.FractureSaliency(
+        evaluation.StudyPredictor(model, config.data.context, chunk=image.shape[0])
+    )
+    np.testing.assert_allclose(heat, whole(image, levels), rtol=1e-4, atol=1e-6 * heat.max())
     chunked(image[:-3], levels)  # another study length: no new chunk programs
-    assert (chunked.predictor._encode._cache_size() == 1
-            and chunked._input_grad._cache_size() == 1)
+    assert chunked.predictor._encode._cache_size() == 1 and chunked._input_grad._cache_size() == 1
+
+
+def test_saliency_needs_the_single_models_slice_logits():
+    class NoSliceLogits:  # what a two-stage run's predictor lacks
+        def __call__(self, image):
+            raise AssertionError("not reached")
+
+    with pytest.raises(TypeError, match="slice logits"):
+        saliency.FractureSaliency(NoSliceLogits())
 
 
 def test_spine_course_follows_the_labels():
@@ -134,11 +228,11 @@ def test_spine_course_follows_the_labels():
     for z in range(20):
         if z % 4:  # slices without labels are interpolated
             mask[z, 4 + z // 4, 7:10] = True
-    course = predict.spine_course(mask, spacing_z=2.0)
+    course = triage_figure.spine_course(mask, spacing_z=2.0)
     assert course.shape == (20, 2)
     np.testing.assert_allclose(course[:, 1], 8.0, atol=1e-6)
     assert np.all(np.diff(course[2:-2, 0]) > 0)  # moves down the rows as the labels do
-    assert predict.spine_course(np.zeros_like(mask), 2.0) is None
+    assert triage_figure.spine_course(np.zeros_like(mask), 2.0) is None
 
 
 def test_report_figures_render(tmp_path):

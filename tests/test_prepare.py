@@ -11,8 +11,7 @@ import pytest
 
 from cspine_jax.data import cache, dicom, nifti, phantom, prepare, preprocess, rsna
 
-PARAMS = {"grid": 16, "spacing_z": 2.0, "crop": 1.0,
-          "windows": [[400.0, 1800.0], [40.0, 400.0]]}
+PARAMS = {"grid": 16, "spacing_z": 2.0, "crop": 1.0, "windows": [[400.0, 1800.0], [40.0, 400.0]]}
 
 
 def test_resize_preserves_constants_and_means():
@@ -41,8 +40,15 @@ def test_crop_keeps_the_centre_on_every_map():
     labels = np.zeros((z, hw, hw), np.uint8)
     labels[:, 8:16, 8:16] = 3
     boxes = np.array([[2, 8, 8, 8, 8]], np.float32)  # on file 2, the block itself
-    prepared = preprocess.prepare_series(series, grid=16, spacing_z=1.0, crop=0.5,
-                                         windows=[[400.0, 1800.0]], mask=labels, boxes=boxes)
+    prepared = preprocess.prepare_series(
+        series,
+        grid=16,
+        spacing_z=1.0,
+        crop=0.5,
+        windows=[[400.0, 1800.0]],
+        mask=labels,
+        boxes=boxes,
+    )
     # Crop 0.5 keeps source pixels 10..29, 1.25 per output pixel: the block's columns
     # 10..15 become output pixels 0..4.
     assert prepared.spacing[1] == pytest.approx(0.8 * 40 * 0.5 / 16)
@@ -52,26 +58,37 @@ def test_crop_keeps_the_centre_on_every_map():
     assert not prepared.fracture[[0, 2, 3, 4]].any()
 
 
-@pytest.mark.parametrize("grid, crop, spacing_z, unsigned",
-                         [(24, 0.8, 3.0, False), (40, 1.0, 7.0, True), (96, 0.9, 4.4, False)],
-                         ids=["down", "down-z-antialiased", "up"])
-def test_streaming_prepare_matches_the_full_volume_path(tmp_path, grid, crop, spacing_z,
-                                                        unsigned):
+@pytest.mark.parametrize(
+    "grid, crop, spacing_z, unsigned",
+    [(24, 0.8, 3.0, False), (40, 1.0, 7.0, True), (96, 0.9, 4.4, False)],
+    ids=["down", "down-z-antialiased", "up"],
+)
+def test_streaming_prepare_matches_the_full_volume_path(tmp_path, grid, crop, spacing_z, unsigned):
     """read_resampled + on_grid (slices resized as decoded, rescaled after) against the
     straightforward path: the whole HU volume, then dense resampling matrices."""
-    study = next(s for s in (phantom.generate_study(i, 0, "tiny", with_mask=True,
-                                                    with_boxes=True) for i in range(50))
-                 if s.boxes)
+    study = next(
+        s
+        for s in (
+            phantom.generate_study(i, 0, "tiny", with_mask=True, with_boxes=True) for i in range(50)
+        )
+        if s.boxes
+    )
     dicom.write_series(tmp_path, study.series, unsigned=unsigned)
     # One slice with its own rescale: the stream must rescale slice by slice.
     odd = pydicom.dcmread(tmp_path / "7.dcm")
     odd.RescaleSlope, odd.RescaleIntercept = 0.5, -700
     odd.save_as(tmp_path / "7.dcm")
-    boxes = np.array([[b["slice_number"], b["x"], b["y"], b["width"], b["height"]]
-                      for b in study.boxes], np.float64)
+    boxes = np.array(
+        [[b["slice_number"], b["x"], b["y"], b["width"], b["height"]] for b in study.boxes],
+        np.float64,
+    )
     assert len(boxes)
-    params = {"grid": grid, "spacing_z": spacing_z, "crop": crop,
-              "windows": [[400.0, 1800.0], [40.0, 400.0]]}
+    params = {
+        "grid": grid,
+        "spacing_z": spacing_z,
+        "crop": crop,
+        "windows": [[400.0, 1800.0], [40.0, 400.0]],
+    }
 
     header, hu = preprocess.read_resampled(tmp_path, grid, spacing_z, crop)
     fast = preprocess.on_grid(header, hu, **params, mask=study.labels_zyx, boxes=boxes)
@@ -79,8 +96,9 @@ def test_streaming_prepare_matches_the_full_volume_path(tmp_path, grid, crop, sp
     series = dicom.load_series(tmp_path)
     z, h, w = series.shape
     dz = series.spacing[0]
-    rz = preprocess.interpolation_matrix(z, preprocess.slice_positions(z, dz, spacing_z),
-                                         spacing_z / dz)
+    rz = preprocess.interpolation_matrix(
+        z, preprocess.slice_positions(z, dz, spacing_z), spacing_z / dz
+    )
     ry, rx = preprocess.resize_matrix(h, grid, crop), preprocess.resize_matrix(w, grid, crop)
     dense = np.tensordot(rz, ry @ series.hu.astype(np.float64) @ rx.T, axes=1)
     np.testing.assert_allclose(hu, dense, atol=0.02)
@@ -129,7 +147,8 @@ def dataset(tmp_path):
             nifti.write_mask(root / "segmentations" / f"{uid}.nii", labels, series)
     (root / "train.csv").write_text(",".join(rsna.TRAIN_COLUMNS) + "\n" + "\n".join(rows) + "\n")
     (root / "train_bounding_boxes.csv").write_text(
-        ",".join(rsna.BOX_COLUMNS) + "\n1.2.1,8,8,8,8,5\n1.2.1,8,8,8,8,6\n")
+        ",".join(rsna.BOX_COLUMNS) + "\n1.2.1,8,8,8,8,5\n1.2.1,8,8,8,8,6\n"
+    )
     # Study 3: a slice cut short mid-pixel-data.
     victim = root / "train_images" / "1.2.3" / "7.dcm"
     victim.write_bytes(victim.read_bytes()[:-300])
@@ -189,13 +208,26 @@ def test_interrupted_study_leaves_no_entry(dataset, tmp_path, monkeypatch):
     assert summary.prepared == ["1.2.1", "1.2.2"]
 
 
+@pytest.mark.slow
 def test_cli_shards_and_workers(dataset, tmp_path):
     out = str(tmp_path / "cache")
     for shard in (0, 1):
         result = subprocess.run(
-            [sys.executable, "-m", "cspine_jax.data.prepare", f"--data={dataset}", f"--out={out}",
-             "--workers=2", f"--shard={shard}", "--num_shards=2", "--config.data.grid=16"],
-            capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "cspine_jax.data.prepare",
+                f"--data={dataset}",
+                f"--out={out}",
+                "--workers=2",
+                f"--shard={shard}",
+                "--num_shards=2",
+                "--config.data.grid=16",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         assert "prepared" in result.stdout
     # Shard 0 holds studies 1 and 3 (3 fails), shard 1 holds study 2.

@@ -68,8 +68,7 @@ class Entry:
 
     def fracture(self) -> np.ndarray:
         """(z', G, G) uint8 fracture-box mask, memory-mapped."""
-        return np.load(os.path.join(self.path, "fracture.npy"), mmap_mode="r",
-                       allow_pickle=False)
+        return np.load(os.path.join(self.path, "fracture.npy"), mmap_mode="r", allow_pickle=False)
 
     def slice_fracture(self) -> np.ndarray:
         """(z',) float32: 1 where a fracture box touches the slice."""
@@ -100,7 +99,8 @@ def open_cache(cache_dir: str, params: Mapping[str, Any]) -> None:
             found = json.load(f)
         if found != manifest:
             raise CacheError(
-                f"{cache_dir}: prepared with {found}, not {manifest}; use another --out")
+                f"{cache_dir}: prepared with {found}, not {manifest}; use another --out"
+            )
     else:
         _write_json(manifest_path, manifest)
     for name in os.listdir(studies):
@@ -125,8 +125,14 @@ def has_entry(cache_dir: str, uid: str) -> bool:
     return os.path.exists(os.path.join(study_dir(cache_dir, uid), "meta.json"))
 
 
-def write_entry(cache_dir: str, uid: str, prepared: Prepared, labels: np.ndarray | None,
-                has_boxes: bool, extra: Mapping[str, Any]) -> None:
+def write_entry(
+    cache_dir: str,
+    uid: str,
+    prepared: Prepared,
+    labels: np.ndarray | None,
+    has_boxes: bool,
+    extra: Mapping[str, Any],
+) -> None:
     """Writes one study into a temporary folder, then renames it into place."""
     final = study_dir(cache_dir, uid)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=_TMP_PREFIX + uid + "-")
@@ -165,8 +171,16 @@ def read_entries(cache_dir: str) -> list[Entry]:
         with open(os.path.join(studies, uid, "meta.json")) as f:
             meta = json.load(f)
         labels = None if meta["labels"] is None else np.asarray(meta["labels"], np.float32)
-        entries.append(Entry(uid, os.path.join(studies, uid), labels, meta["has_mask"],
-                             meta["has_boxes"], meta["num_slices"]))
+        entries.append(
+            Entry(
+                uid,
+                os.path.join(studies, uid),
+                labels,
+                meta["has_mask"],
+                meta["has_boxes"],
+                meta["num_slices"],
+            )
+        )
     if not entries:
         raise CacheError(f"{cache_dir}: no prepared studies")
     return entries

@@ -32,14 +32,19 @@ import numpy as np
 from absl import flags
 
 from cspine_jax.data import cache
+from cspine_jax.data.rsna import NUM_VERTEBRAE
 
-NUM_VERTEBRAE = 7
 # The `warp` of an example that is not warped: angle, scale, shift y, shift x.
 NO_WARP = np.array([0.0, 1.0, 0.0, 0.0], np.float32)
 
 
-def sample_centres(num_slices: int, count: int, rng: np.random.Generator | None,
-                   focus: np.ndarray | None = None, focus_prob: float = 0.0) -> np.ndarray:
+def sample_centres(
+    num_slices: int,
+    count: int,
+    rng: np.random.Generator | None,
+    focus: np.ndarray | None = None,
+    focus_prob: float = 0.0,
+) -> np.ndarray:
     """(count,) int64 slice indices, one per equal bin along z; bin middles when rng is None.
 
     With `focus` ((num_slices,) flags, e.g. slices a fracture box touches), a bin holding
@@ -88,8 +93,9 @@ def slice_inputs(image: np.ndarray, centres: np.ndarray, context: int) -> np.nda
     return add_position(stacks, centres, image.shape[0])
 
 
-def chunk_inputs(image: np.ndarray, start: int, chunk: int,
-                 context: int) -> tuple[np.ndarray, np.ndarray]:
+def chunk_inputs(
+    image: np.ndarray, start: int, chunk: int, context: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Slices start .. start + chunk of a prepared study as model input, zero-padded to
     `chunk` rows so one compiled program serves every chunk: ((chunk, G, G, C), centres)."""
     centres = np.arange(start, min(start + chunk, image.shape[0]))
@@ -99,8 +105,12 @@ def chunk_inputs(image: np.ndarray, start: int, chunk: int,
     return padded, centres
 
 
-def _augment(image: np.ndarray, labels: tuple[np.ndarray, ...], rng: np.random.Generator,
-             aug: Mapping[str, Any]) -> tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray]:
+def _augment(
+    image: np.ndarray,
+    labels: tuple[np.ndarray, ...],
+    rng: np.random.Generator,
+    aug: Mapping[str, Any],
+) -> tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray]:
     """One random flip and intensity change for the whole study, and its in-plane warp.
 
     image (S, G, G, C) float32; labels: (S, G, G) integer maps flipped alike. The warp
@@ -109,10 +119,16 @@ def _augment(image: np.ndarray, labels: tuple[np.ndarray, ...], rng: np.random.G
     """
     if aug["flip"] and rng.random() < 0.5:
         image, labels = image[:, :, ::-1], tuple(x[:, :, ::-1] for x in labels)
-    shift = aug.get("shift", 0.0) * image.shape[1]
-    warp = np.array([np.deg2rad(rng.uniform(-aug["rotate_deg"], aug["rotate_deg"])),
-                     1.0 + rng.uniform(-aug["scale"], aug["scale"]),
-                     rng.uniform(-shift, shift), rng.uniform(-shift, shift)], np.float32)
+    shift = aug["shift"] * image.shape[1]
+    warp = np.array(
+        [
+            np.deg2rad(rng.uniform(-aug["rotate_deg"], aug["rotate_deg"])),
+            1.0 + rng.uniform(-aug["scale"], aug["scale"]),
+            rng.uniform(-shift, shift),
+            rng.uniform(-shift, shift),
+        ],
+        np.float32,
+    )
     gain = 1.0 + rng.uniform(-aug["intensity"], aug["intensity"])
     bias = rng.uniform(-aug["intensity"], aug["intensity"])
     image = image * np.float32(gain) + np.float32(bias)
@@ -126,21 +142,26 @@ class SampleStudy(grain.transforms.RandomMap):
 
     def __init__(self, data_config: Mapping[str, Any], train: bool):
         # Evaluation examples may see more of a study than training ones (`eval_slices`).
-        self.num_slices = int(data_config["num_slices"] if train else
-                              data_config.get("eval_slices", data_config["num_slices"]))
+        self.num_slices = int(data_config["num_slices" if train else "eval_slices"])
         self.context = int(data_config["context"])
         self.augment = dict(data_config["augment"]) if train else None
-        self.fracture_focus = float(data_config.get("fracture_focus", 0.0))
+        self.fracture_focus = float(data_config["fracture_focus"])
 
-    def random_map(self, element: tuple[int, cache.Entry],
-                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def random_map(
+        self, element: tuple[int, cache.Entry], rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
         index, entry = element
         image = entry.image()
         if self.augment is None:
             centres = sample_centres(image.shape[0], self.num_slices, None)
         else:
-            centres = sample_centres(image.shape[0], self.num_slices, rng,
-                                     entry.slice_fracture() > 0, self.fracture_focus)
+            centres = sample_centres(
+                image.shape[0],
+                self.num_slices,
+                rng,
+                entry.slice_fracture() > 0,
+                self.fracture_focus,
+            )
         stacks = stack_context(image, centres, self.context).astype(np.float32) / 255.0
         volume_mask = entry.mask()
         if volume_mask is None:
@@ -151,8 +172,7 @@ class SampleStudy(grain.transforms.RandomMap):
         fracture = np.asarray(entry.fracture()[centres])
         warp = NO_WARP
         if self.augment is not None:
-            stacks, (mask, fracture), warp = _augment(stacks, (mask, fracture), rng,
-                                                      self.augment)
+            stacks, (mask, fracture), warp = _augment(stacks, (mask, fracture), rng, self.augment)
         stacks = add_position(stacks, centres, image.shape[0])
         labels = np.zeros(8, np.float32) if entry.labels is None else entry.labels
         return {
@@ -186,9 +206,16 @@ def oversampled(entries: Sequence[cache.Entry], factor: float, seed: int) -> lis
     return order
 
 
-def train_dataset(entries: Sequence[cache.Entry], data_config: Mapping[str, Any], *, seed: int,
-                  global_batch: int, process_index: int = 0, process_count: int = 1,
-                  sample: grain.transforms.RandomMap | None = None) -> grain.MapDataset:
+def train_dataset(
+    entries: Sequence[cache.Entry],
+    data_config: Mapping[str, Any],
+    *,
+    seed: int,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    sample: grain.transforms.RandomMap | None = None,
+) -> grain.MapDataset:
     """Infinite, shuffled, augmented batches of studies (`train_stream` over the entries,
     positive studies oversampled by `positive_oversample`).
 
@@ -196,15 +223,25 @@ def train_dataset(entries: Sequence[cache.Entry], data_config: Mapping[str, Any]
     """
     indexed = _with_index(entries)
     order = oversampled(entries, float(data_config["positive_oversample"]), seed)
-    return train_stream([indexed[i] for i in order],
-                        sample or SampleStudy(data_config, train=True), seed=seed,
-                        global_batch=global_batch, process_index=process_index,
-                        process_count=process_count)
+    return train_stream(
+        [indexed[i] for i in order],
+        sample or SampleStudy(data_config, train=True),
+        seed=seed,
+        global_batch=global_batch,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
-def train_stream(elements: Sequence[Any], sample: grain.transforms.RandomMap, *, seed: int,
-                 global_batch: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.MapDataset:
+def train_stream(
+    elements: Sequence[Any],
+    sample: grain.transforms.RandomMap,
+    *,
+    seed: int,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
     """Infinite batches of `sample(element)` over `elements` shuffled anew each epoch: this
     process's share of each global batch.
 
@@ -219,9 +256,12 @@ def train_stream(elements: Sequence[Any], sample: grain.transforms.RandomMap, *,
     return ds.batch(global_batch // process_count, drop_remainder=True)
 
 
-def eval_dataset(entries: Sequence[cache.Entry], data_config: Mapping[str, Any],
-                 batch_size: int,
-                 sample: grain.transforms.RandomMap | None = None) -> grain.MapDataset:
+def eval_dataset(
+    entries: Sequence[cache.Entry],
+    data_config: Mapping[str, Any],
+    batch_size: int,
+    sample: grain.transforms.RandomMap | None = None,
+) -> grain.MapDataset:
     """One deterministic pass over `entries` (evenly spaced slices, no augmentation);
     `sample` as in `train_dataset`, default `SampleStudy` in evaluation mode."""
     ds = grain.MapDataset.source(_with_index(entries))

@@ -31,7 +31,7 @@ def preprocessing_params(data_config: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "grid": int(data_config["grid"]),
         "spacing_z": float(data_config["spacing_z"]),
-        "crop": float(data_config.get("crop", 1.0)),
+        "crop": float(data_config["crop"]),
         "windows": [[float(c), float(w)] for c, w in data_config["windows"]],
     }
 
@@ -41,8 +41,9 @@ def prepare_study(study: rsna.Study, cache_dir: str, params: Mapping[str, Any]) 
 
     Slices are resampled as they are decoded: the full-resolution HU volume is never built.
     """
-    header, hu = preprocess.read_resampled(study.image_dir, params["grid"],
-                                           params["spacing_z"], params["crop"])
+    header, hu = preprocess.read_resampled(
+        study.image_dir, params["grid"], params["spacing_z"], params["crop"]
+    )
     mask = None if study.mask_path is None else nifti.load_mask(study.mask_path, header)
     prepared = preprocess.on_grid(header, hu, **params, mask=mask, boxes=study.boxes)
     extra = {"source_shape": list(header.shape), "source_spacing": list(header.spacing)}
@@ -74,16 +75,25 @@ class Summary:
     seconds: float
 
     def lines(self) -> list[str]:
-        out = [f"prepared {len(self.prepared)} studies ({self.slices} slices) in "
-               f"{self.seconds:.1f} s; skipped {len(self.skipped)} already in the cache; "
-               f"failed {len(self.failed)}"]
+        out = [
+            f"prepared {len(self.prepared)} studies ({self.slices} slices) in "
+            f"{self.seconds:.1f} s; skipped {len(self.skipped)} already in the cache; "
+            f"failed {len(self.failed)}"
+        ]
         out += [f"  FAILED {uid}: {why}" for uid, why in sorted(self.failed.items())]
         return out
 
 
-def prepare_dataset(data_dir: str, cache_dir: str, params: Mapping[str, Any], *,
-                    workers: int | None = None, shard: int = 0, num_shards: int = 1,
-                    progress: bool = True) -> Summary:
+def prepare_dataset(
+    data_dir: str,
+    cache_dir: str,
+    params: Mapping[str, Any],
+    *,
+    workers: int | None = None,
+    shard: int = 0,
+    num_shards: int = 1,
+    progress: bool = True,
+) -> Summary:
     """Prepares every study of `data_dir` in this shard that the cache lacks.
 
     Args:
@@ -103,8 +113,13 @@ def prepare_dataset(data_dir: str, cache_dir: str, params: Mapping[str, Any], *,
     skipped = [s.uid for s in studies if cache.has_entry(cache_dir, s.uid)]
     workers = (os.cpu_count() or 1) if workers is None else workers
     jobs = [(s, cache_dir, params) for s in todo]
-    bar = tqdm.tqdm(total=len(jobs), unit="study", desc="prepare",
-                    disable=not (progress and jobs), file=sys.stderr)
+    bar = tqdm.tqdm(
+        total=len(jobs),
+        unit="study",
+        desc="prepare",
+        disable=not (progress and jobs),
+        file=sys.stderr,
+    )
     summary = Summary([], skipped, {}, 0, 0.0)
     if workers <= 1 or len(jobs) <= 1:
         results = map(_prepare_one, jobs)
@@ -112,8 +127,10 @@ def prepare_dataset(data_dir: str, cache_dir: str, params: Mapping[str, Any], *,
     else:
         # spawn: callers (train.py) may already run JAX threads, which fork would copy badly.
         pool = multiprocessing.get_context("spawn").Pool(
-            min(workers, len(jobs)), initializer=_limit_threads,
-            initargs=(max(1, (os.cpu_count() or 1) // workers),))
+            min(workers, len(jobs)),
+            initializer=_limit_threads,
+            initargs=(max(1, (os.cpu_count() or 1) // workers),),
+        )
         results = pool.imap_unordered(_prepare_one, jobs)
     try:
         for uid, error, slices in results:
@@ -137,11 +154,15 @@ def main(argv: Sequence[str]) -> int:
     del argv
     from absl import flags  # CLI-only dependency of this module
 
-    cfg = flags.FLAGS.config
-    params = preprocessing_params(cfg.data)
-    summary = prepare_dataset(flags.FLAGS.data, flags.FLAGS.out, params,
-                              workers=flags.FLAGS.workers, shard=flags.FLAGS.shard,
-                              num_shards=flags.FLAGS.num_shards)
+    params = preprocessing_params(flags.FLAGS.config.data)
+    summary = prepare_dataset(
+        flags.FLAGS.data,
+        flags.FLAGS.out,
+        params,
+        workers=flags.FLAGS.workers,
+        shard=flags.FLAGS.shard,
+        num_shards=flags.FLAGS.num_shards,
+    )
     print("\n".join(summary.lines()))
     all_failed = summary.failed and not (summary.prepared or summary.skipped)
     return 1 if all_failed else 0
@@ -158,7 +179,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("shard", 0, "This machine's shard index.")
     flags.DEFINE_integer("num_shards", 1, "Number of machines sharing the work.")
     config_flags.DEFINE_config_file(
-        "config", os.path.normpath(default_config), "Config whose data section sets the grid.")
+        "config", os.path.normpath(default_config), "Config whose data section sets the grid."
+    )
 
 
 if __name__ == "__main__":

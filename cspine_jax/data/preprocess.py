@@ -83,12 +83,16 @@ class BandedMatrix:
         self.support = slice(int(touched[0]), int(touched[-1]) + 1)
         self.blocks = []
         for start in range(0, matrix.shape[0], rows_per_block):
-            rows = matrix[start:start + rows_per_block]
+            rows = matrix[start : start + rows_per_block]
             cols = np.flatnonzero(rows.any(axis=0))
             lo, hi = int(cols[0]), int(cols[-1]) + 1
-            self.blocks.append((slice(start, start + len(rows)),
-                                slice(lo - self.support.start, hi - self.support.start),
-                                np.ascontiguousarray(rows[:, lo:hi], np.float32)))
+            self.blocks.append(
+                (
+                    slice(start, start + len(rows)),
+                    slice(lo - self.support.start, hi - self.support.start),
+                    np.ascontiguousarray(rows[:, lo:hi], np.float32),
+                )
+            )
 
     def left(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out (..., n_out, k) = matrix @ x for x (..., support, k) float32."""
@@ -117,7 +121,8 @@ class PlanarResize:
         src = np.asarray(image[..., self.rows.support, self.cols.support], np.float32)
         # y first: it contracts the most (cropped) input, leaving grid x w' for the x pass.
         rows_done = self.rows.left(
-            src, np.empty((*src.shape[:-2], self.rows.shape[0], src.shape[-1]), np.float32))
+            src, np.empty((*src.shape[:-2], self.rows.shape[0], src.shape[-1]), np.float32)
+        )
         # All slices' rows as one matrix: a BLAS call per block, not per block and slice.
         flat = rows_done.reshape(-1, rows_done.shape[-1])
         out = self.cols.right(flat, np.empty((len(flat), self.cols.shape[0]), np.float32))
@@ -135,8 +140,9 @@ def resample_z(stack: np.ndarray, dz: float, spacing_z: float) -> np.ndarray:
     return out
 
 
-def resample_hu(hu: np.ndarray, spacing: Sequence[float], grid: int,
-                spacing_z: float, crop: float = 1.0) -> np.ndarray:
+def resample_hu(
+    hu: np.ndarray, spacing: Sequence[float], grid: int, spacing_z: float, crop: float = 1.0
+) -> np.ndarray:
     """(z, y, x) HU at `spacing` (dz, dy, dx) mm -> (z', grid, grid) float32 HU.
 
     The central `crop` fraction of the field of view (1: all of it) is resized in-plane to
@@ -146,8 +152,9 @@ def resample_hu(hu: np.ndarray, spacing: Sequence[float], grid: int,
     return resample_z(PlanarResize(h, w, grid, crop)(hu), spacing[0], spacing_z)
 
 
-def read_resampled(folder: str | os.PathLike, grid: int, spacing_z: float,
-                   crop: float = 1.0) -> tuple[SeriesHeader, np.ndarray]:
+def read_resampled(
+    folder: str | os.PathLike, grid: int, spacing_z: float, crop: float = 1.0
+) -> tuple[SeriesHeader, np.ndarray]:
     """`resample_hu` of the series in `folder`, without its full-resolution volume.
 
     Each slice is resized in-plane as its file is decoded, from its stored integers, and
@@ -170,8 +177,9 @@ def read_resampled(folder: str | os.PathLike, grid: int, spacing_z: float,
     return header, resample_z(np.stack(planar), header.spacing[0], spacing_z)
 
 
-def resample_labels(labels: np.ndarray, spacing: Sequence[float], grid: int,
-                    spacing_z: float, crop: float = 1.0) -> np.ndarray:
+def resample_labels(
+    labels: np.ndarray, spacing: Sequence[float], grid: int, spacing_z: float, crop: float = 1.0
+) -> np.ndarray:
     """(z, y, x) integer labels -> (z', grid, grid) uint8 by nearest neighbour, on the
     grid of `resample_hu`."""
     z, h, w = labels.shape
@@ -190,8 +198,9 @@ def window(hu: np.ndarray, windows: Sequence[Sequence[float]]) -> np.ndarray:
     return out
 
 
-def fracture_mask(header: SeriesHeader, boxes: np.ndarray, grid: int, spacing_z: float,
-                  crop: float = 1.0) -> np.ndarray:
+def fracture_mask(
+    header: SeriesHeader, boxes: np.ndarray, grid: int, spacing_z: float, crop: float = 1.0
+) -> np.ndarray:
     """(z', grid, grid) uint8: 1 inside fracture boxes, on the prepared slices within half a
     step of each boxed source slice (the grid of `resample_hu`).
 
@@ -216,7 +225,7 @@ def fracture_mask(header: SeriesHeader, boxes: np.ndarray, grid: int, spacing_z:
         y0, y1 = int(np.floor(y * sy)), int(np.ceil((y + height) * sy))
         x0, y0 = max(x0, 0), max(y0, 0)
         if x0 < grid and y0 < grid:
-            mask[slices, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = 1
+            mask[slices, y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)] = 1
     return mask
 
 
@@ -237,9 +246,16 @@ class Prepared:
     spacing: tuple[float, float, float]
 
 
-def prepare_series(series: Series, *, grid: int, spacing_z: float,
-                   windows: Sequence[Sequence[float]], mask: np.ndarray | None = None,
-                   crop: float = 1.0, boxes: np.ndarray | None = None) -> Prepared:
+def prepare_series(
+    series: Series,
+    *,
+    grid: int,
+    spacing_z: float,
+    windows: Sequence[Sequence[float]],
+    mask: np.ndarray | None = None,
+    crop: float = 1.0,
+    boxes: np.ndarray | None = None,
+) -> Prepared:
     """Resamples and windows one series (and its aligned mask and boxes) onto the model grid.
 
     crop: central fraction of the field of view kept (the spine sits mid-image; the rest is
@@ -248,13 +264,29 @@ def prepare_series(series: Series, *, grid: int, spacing_z: float,
     boxes: (n, 5) `[slice_number, x, y, width, height]` fracture boxes in source pixels.
     """
     hu = resample_hu(series.hu, series.spacing, grid, spacing_z, crop)
-    return on_grid(series.header, hu, grid=grid, spacing_z=spacing_z, windows=windows,
-                   mask=mask, crop=crop, boxes=boxes)
+    return on_grid(
+        series.header,
+        hu,
+        grid=grid,
+        spacing_z=spacing_z,
+        windows=windows,
+        mask=mask,
+        crop=crop,
+        boxes=boxes,
+    )
 
 
-def on_grid(header: SeriesHeader, hu: np.ndarray, *, grid: int, spacing_z: float,
-            windows: Sequence[Sequence[float]], mask: np.ndarray | None = None,
-            crop: float = 1.0, boxes: np.ndarray | None = None) -> Prepared:
+def on_grid(
+    header: SeriesHeader,
+    hu: np.ndarray,
+    *,
+    grid: int,
+    spacing_z: float,
+    windows: Sequence[Sequence[float]],
+    mask: np.ndarray | None = None,
+    crop: float = 1.0,
+    boxes: np.ndarray | None = None,
+) -> Prepared:
     """`prepare_series` from the series' geometry and its HU already resampled: (z', grid,
     grid) float32 from `resample_hu` or `read_resampled` with the same grid, spacing_z, crop."""
     _, h, w = header.shape

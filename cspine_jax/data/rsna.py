@@ -20,7 +20,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# The graded vertebrae: the label columns, the mask labels 1..7 and every per-vertebra axis
+# of the models and the phantoms follow this order.
 VERTEBRAE = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
+NUM_VERTEBRAE = len(VERTEBRAE)
 LABEL_COLUMNS = ("patient_overall", *VERTEBRAE)
 # Competition weights per label column, for negative and positive targets.
 NEGATIVE_WEIGHTS = np.array([7, 1, 1, 1, 1, 1, 1, 1], np.float32)
@@ -127,8 +130,10 @@ def load_index(data_dir: str, *, require_images: bool = True) -> list[Study]:
                 raise DatasetError(f"{box_csv}:{row_no}: {e}") from None
             # Boxes are painted into fracture maps by arithmetic on these numbers.
             if not np.isfinite(values).all() or min(values[3:]) < 0:
-                raise DatasetError(f"{box_csv}:{row_no}: box {values[1:]} on slice {values[0]:g} "
-                                   "is not finite with width, height >= 0")
+                raise DatasetError(
+                    f"{box_csv}:{row_no}: box {values[1:]} on slice {values[0]:g} "
+                    "is not finite with width, height >= 0"
+                )
             boxes.setdefault(uid, []).append(values)
 
     studies = []

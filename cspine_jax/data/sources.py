@@ -63,8 +63,9 @@ def prepared_cache(data_config: Mapping[str, Any], *, progress: bool = True) -> 
     return cache_dir
 
 
-def split_entries(entries: list[cache.Entry], data_config: Mapping[str, Any],
-                  seed: int) -> tuple[list[cache.Entry], list[cache.Entry]]:
+def split_entries(
+    entries: list[cache.Entry], data_config: Mapping[str, Any], seed: int
+) -> tuple[list[cache.Entry], list[cache.Entry]]:
     """(train, held-out) entries: `data_config.fold` of a label-stratified K-fold split."""
     labels = np.stack([e.labels for e in entries])
     has_mask = np.array([e.has_mask for e in entries])

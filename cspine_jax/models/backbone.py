@@ -26,11 +26,20 @@ def group_norm(features: int, group_size: int, dtype, rngs: nnx.Rngs) -> nnx.Gro
     return nnx.GroupNorm(features, num_groups=groups, dtype=dtype, rngs=rngs)
 
 
-def conv(in_features: int, out_features: int, kernel: int, stride: int, dtype,
-         rngs: nnx.Rngs) -> nnx.Conv:
+def conv(
+    in_features: int, out_features: int, kernel: int, stride: int, dtype, rngs: nnx.Rngs
+) -> nnx.Conv:
     """A 'SAME' conv computing in `dtype` with float32 parameters."""
-    return nnx.Conv(in_features, out_features, (kernel, kernel), strides=stride, padding="SAME",
-                    dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    return nnx.Conv(
+        in_features,
+        out_features,
+        (kernel, kernel),
+        strides=stride,
+        padding="SAME",
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
 
 
 class PreActBlock(nnx.Module):
@@ -39,15 +48,23 @@ class PreActBlock(nnx.Module):
     (N, h, w, in_features) -> (N, h/stride, w/stride, out_features).
     """
 
-    def __init__(self, in_features: int, out_features: int, stride: int, group_size: int, dtype,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        stride: int,
+        group_size: int,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         self.norm1 = group_norm(in_features, group_size, dtype, rngs)
         self.conv1 = conv(in_features, out_features, 3, stride, dtype, rngs)
         self.norm2 = group_norm(out_features, group_size, dtype, rngs)
         self.conv2 = conv(out_features, out_features, 3, 1, dtype, rngs)
         needs_projection = stride != 1 or in_features != out_features
-        self.shortcut = (conv(in_features, out_features, 1, stride, dtype, rngs)
-                         if needs_projection else None)
+        self.shortcut = (
+            conv(in_features, out_features, 1, stride, dtype, rngs) if needs_projection else None
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = nnx.silu(self.norm1(x))
@@ -67,18 +84,37 @@ class Backbone(nnx.Module):
     `feature_strides` lists those strides.
     """
 
-    def __init__(self, in_features: int, widths: Sequence[int], depths: Sequence[int],
-                 strides: Sequence[int], group_size: int, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        widths: Sequence[int],
+        depths: Sequence[int],
+        strides: Sequence[int],
+        group_size: int,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         if not len(widths) == len(depths) == len(strides):
-            raise ValueError(f"widths {widths}, depths {depths} and strides {strides} must have "
-                             "one entry per stage")
+            raise ValueError(
+                f"widths {widths}, depths {depths} and strides {strides} must have "
+                "one entry per stage"
+            )
         self.stem = conv(in_features, widths[0], 3, 2, dtype, rngs)
         self.feature_strides = tuple(2 * math.prod(strides[:i]) for i in range(len(strides) + 1))
         blocks = []
         previous = widths[0]
         for width, depth, stride in zip(widths, depths, strides, strict=True):
-            stage = [PreActBlock(previous if i == 0 else width, width, stride if i == 0 else 1,
-                                 group_size, dtype, rngs) for i in range(depth)]
+            stage = [
+                PreActBlock(
+                    previous if i == 0 else width,
+                    width,
+                    stride if i == 0 else 1,
+                    group_size,
+                    dtype,
+                    rngs,
+                )
+                for i in range(depth)
+            ]
             blocks.append(nnx.List(stage))
             previous = width
         self.stages = nnx.List(blocks)

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cspine_jax.data.rsna import NUM_VERTEBRAE
 from cspine_jax.models.backbone import conv, group_norm
 
-NUM_CLASSES = 8  # background, C1..C7
-NUM_VERTEBRAE = 7
+NUM_CLASSES = 1 + NUM_VERTEBRAE  # background, C1..C7
 
 # Weight every valid slice gets on top of its presence: a vertebra the segmentation finds
 # nowhere (untrained head, a scan cut above it) still gets a study logit, the log-mean-exp over
@@ -29,6 +29,17 @@ PRESENCE_FLOOR = 1e-4
 BACKGROUND_PRIOR = 0.9
 # Probability that a pixel lies inside a fracture box:
 FRACTURE_PIXEL_PRIOR = 0.01
+
+
+def label_grid(mask, size: int):
+    """Labels (..., H, W) -> the segmentation output's (..., size, size) grid, numpy or jax.
+
+    Each output pixel summarises a factor x factor cell of the input (factor = W // size):
+    it takes the label nearest the cell's centre. The loss and the evaluation's Dice share this
+    so that both score the same pixels.
+    """
+    factor = mask.shape[-1] // size
+    return mask[..., factor // 2 :: factor, factor // 2 :: factor]
 
 
 def _upsample(x: jax.Array, factor: int) -> jax.Array:
@@ -57,24 +68,43 @@ class SegDecoder(nnx.Module):
     strides[0]: the segmentation classes, then the per-pixel fracture logit.
     """
 
-    def __init__(self, feature_widths: Sequence[int], strides: Sequence[int], width: int,
-                 group_size: int, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        feature_widths: Sequence[int],
+        strides: Sequence[int],
+        width: int,
+        group_size: int,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         self.factors = tuple(b // a for a, b in zip(strides[:-1], strides[1:], strict=True))
         level = [min(width, w) for w in feature_widths]
         self.top = conv(feature_widths[-1], level[-1], 1, 1, dtype, rngs)
         # Level i merges the upsampled level i+1 with a 1x1 lateral of feature i, then a 3x3
         # conv narrows it to level i's width.
-        self.laterals = nnx.List([conv(feature_widths[i], level[i + 1], 1, 1, dtype, rngs)
-                                  for i in range(len(level) - 1)])
-        self.norms = nnx.List([group_norm(level[i + 1], group_size, dtype, rngs)
-                               for i in range(len(level) - 1)])
-        self.convs = nnx.List([conv(level[i + 1], level[i], 3, 1, dtype, rngs)
-                               for i in range(len(level) - 1)])
+        self.laterals = nnx.List(
+            [
+                conv(feature_widths[i], level[i + 1], 1, 1, dtype, rngs)
+                for i in range(len(level) - 1)
+            ]
+        )
+        self.norms = nnx.List(
+            [group_norm(level[i + 1], group_size, dtype, rngs) for i in range(len(level) - 1)]
+        )
+        self.convs = nnx.List(
+            [conv(level[i + 1], level[i], 3, 1, dtype, rngs) for i in range(len(level) - 1)]
+        )
         self.out_norm = group_norm(level[0], group_size, dtype, rngs)
-        self.out = nnx.Conv(level[0], NUM_CLASSES + 1, (1, 1), dtype=dtype,
-                            param_dtype=jnp.float32,
-                            kernel_init=nnx.initializers.zeros_init(),
-                            bias_init=_seg_prior_init, rngs=rngs)
+        self.out = nnx.Conv(
+            level[0],
+            NUM_CLASSES + 1,
+            (1, 1),
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nnx.initializers.zeros_init(),
+            bias_init=_seg_prior_init,
+            rngs=rngs,
+        )
 
     def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
         x = self.top(features[-1])
@@ -124,9 +154,14 @@ class SliceClassifier(nnx.Module):
         self.features = nnx.Linear(2 * in_features, hidden, dtype=dtype, rngs=rngs)
         self.presence = nnx.Linear(NUM_VERTEBRAE, hidden, dtype=dtype, rngs=rngs)
         # Adds to the pixel evidence (`fracture_evidence`), so it starts as a no-op.
-        self.out = nnx.Linear(hidden, NUM_VERTEBRAE, dtype=dtype,
-                              kernel_init=nnx.initializers.zeros_init(),
-                              bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+        self.out = nnx.Linear(
+            hidden,
+            NUM_VERTEBRAE,
+            dtype=dtype,
+            kernel_init=nnx.initializers.zeros_init(),
+            bias_init=nnx.initializers.zeros_init(),
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array, presence: jax.Array) -> jax.Array:
         x = nnx.silu(self.norm(x))
@@ -178,14 +213,15 @@ class StudyPool(nnx.Module):
         self.overall_scale = nnx.Param(jnp.ones(()))
         self.overall_bias = nnx.Param(jnp.zeros(()))
 
-    def __call__(self, slice_logits: jax.Array, presence: jax.Array,
-                 valid: jax.Array) -> jax.Array:
+    def __call__(self, slice_logits: jax.Array, presence: jax.Array, valid: jax.Array) -> jax.Array:
         slice_logits = slice_logits.astype(jnp.float32)
-        weights = valid.astype(jnp.float32)[..., None] * (presence.astype(jnp.float32)
-                                                          + PRESENCE_FLOOR)
+        weights = valid.astype(jnp.float32)[..., None] * (
+            presence.astype(jnp.float32) + PRESENCE_FLOOR
+        )
         tau = self.temperature
         vertebra = tau * weighted_log_mean_exp(slice_logits / tau, weights, axis=1)
         vertebra = vertebra + self.bias[...]
-        overall = (self.overall_scale[...] * noisy_or_logit(vertebra, axis=-1)
-                   + self.overall_bias[...])
+        overall = (
+            self.overall_scale[...] * noisy_or_logit(vertebra, axis=-1) + self.overall_bias[...]
+        )
         return jnp.concatenate([overall[:, None], vertebra], axis=-1)

@@ -1,26 +1,19 @@
-"""SpineNet: one 2.5D network for vertebra segmentation, slice and study fracture logits.
+"""SingleModel: one 2.5D network for vertebra segmentation, slice and study fracture logits.
 
 Every slice of a study goes through the same encoder (backbone, segmentation decoder, slice
 classifier); the study head pools the per-slice logits over z, weighted by the segmentation's
 own per-slice vertebra presence. Per-slice work and pooling are separate methods, so whole-study
 inference can encode slices in chunks of any size and pool once.
 
-Config (`config.model`; fields after `dtype` are optional, defaults in brackets):
-  widths, depths         channels and residual blocks per backbone stage
-  decoder_width          widest level of the segmentation decoder
-  dtype                  compute dtype, 'float32' or 'bfloat16'; parameters stay float32
-  strides                per-stage stride of the first block [(2, 2, 2, 2)]: with the stride-2
-                         stem, stages run at strides 4, 8, 16, 32 and the segmentation at 2
-  norm_group_size        GroupNorm channels per group (about; >= 1 group) [16]
-  head_hidden            slice-classifier hidden width [widths[-1]]
-  presence_window        side of the mean filter before the max giving presence [3]
-  pool_temperature       log-mean-exp temperature of the study pool [1.0]
-  detach_presence        no gradient from the fracture losses into presence [True]
+Config (`config.model`, declared and commented in configs/default.py): widths, depths,
+decoder_width, dtype, strides, norm_group_size, head_hidden, presence_window,
+pool_temperature, detach_presence.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +31,7 @@ from cspine_jax.models.heads import (
     SliceClassifier,
     StudyPool,
     fracture_evidence,
+    label_grid,
     noisy_or_logit,
     vertebra_presence,
 )
@@ -49,24 +43,32 @@ def input_channels(config: ml_collections.ConfigDict) -> int:
     return config.data.context * len(config.data.windows) + 1
 
 
-class SpineNet(nnx.Module):
+class SingleModel(nnx.Module):
     """Study batch (B, S, H, W, C) -> segmentation, slice, presence and study logits."""
 
-    def __init__(self, model_config: ml_collections.ConfigDict, in_features: int, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, model_config: ml_collections.ConfigDict, in_features: int, *, rngs: nnx.Rngs
+    ):
         cfg = model_config
         widths, depths = tuple(cfg.widths), tuple(cfg.depths)
-        strides = tuple(cfg.get("strides", (2,) * len(widths)))
-        group_size = cfg.get("norm_group_size", 16)
+        strides = tuple(cfg.strides)
+        group_size = cfg.norm_group_size
         dtype = jnp.dtype(cfg.dtype)
-        self.presence_window = cfg.get("presence_window", 3)
-        self.detach_presence = cfg.get("detach_presence", True)
+        self.presence_window = cfg.presence_window
+        self.detach_presence = cfg.detach_presence
         self.backbone = Backbone(in_features, widths, depths, strides, group_size, dtype, rngs)
-        self.decoder = SegDecoder((widths[0], *widths), self.backbone.feature_strides,
-                                  cfg.decoder_width, group_size, dtype, rngs)
-        self.classifier = SliceClassifier(widths[-1], cfg.get("head_hidden", widths[-1]),
-                                          group_size, dtype, rngs)
-        self.study_pool = StudyPool(cfg.get("pool_temperature", 1.0))
+        self.decoder = SegDecoder(
+            (widths[0], *widths),
+            self.backbone.feature_strides,
+            cfg.decoder_width,
+            group_size,
+            dtype,
+            rngs,
+        )
+        self.classifier = SliceClassifier(
+            widths[-1], cfg.head_hidden or widths[-1], group_size, dtype, rngs
+        )
+        self.study_pool = StudyPool(cfg.pool_temperature)
 
     def encode_slices(self, images: jax.Array) -> tuple[jax.Array, ...]:
         """Per-slice work, independent across slices (so chunkable).
@@ -84,8 +86,9 @@ class SpineNet(nnx.Module):
             # would turn presence into free attention that no longer says where C_v is.
             presence = jax.lax.stop_gradient(presence)
             located = jax.lax.stop_gradient(seg_logits)
-        slice_logits = (fracture_evidence(located, fracture_logits)
-                        + self.classifier(features[-1], presence).astype(jnp.float32))
+        slice_logits = fracture_evidence(located, fracture_logits) + self.classifier(
+            features[-1], presence
+        ).astype(jnp.float32)
         return seg_logits, slice_logits, presence, fracture_logits
 
     def pool(self, slice_logits: jax.Array, presence: jax.Array, valid: jax.Array) -> jax.Array:
@@ -97,20 +100,23 @@ class SpineNet(nnx.Module):
         slice_logits (B, S, 7), presence (B, S, 7), fracture_logits (B, S, h, w),
         study_logits (B, 8)."""
         b, s = image.shape[:2]
-        seg, slices, presence, fracture = self.encode_slices(
-            image.reshape(b * s, *image.shape[2:]))
+        seg, slices, presence, fracture = self.encode_slices(image.reshape(b * s, *image.shape[2:]))
         seg = seg.reshape(b, s, *seg.shape[1:])
         slices = slices.reshape(b, s, -1)
         presence = presence.reshape(b, s, -1)
-        return dict(seg_logits=seg, slice_logits=slices, presence=presence,
-                    fracture_logits=fracture.reshape(b, s, *fracture.shape[1:]),
-                    study_logits=self.pool(slices, presence, valid))
+        return dict(
+            seg_logits=seg,
+            slice_logits=slices,
+            presence=presence,
+            fracture_logits=fracture.reshape(b, s, *fracture.shape[1:]),
+            study_logits=self.pool(slices, presence, valid),
+        )
 
 
-def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> SpineNet:
+def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> SingleModel:
     """The model of a full config (reads config.model and config.data)."""
-    model = SpineNet(config.model, input_channels(config), rngs=nnx.Rngs(seed))
-    logging.info("SpineNet: %s parameters", f"{param_count(model):,}")
+    model = SingleModel(config.model, input_channels(config), rngs=nnx.Rngs(seed))
+    logging.info("SingleModel: %s parameters", f"{param_count(model):,}")
     return model
 
 
@@ -120,13 +126,34 @@ def param_count(model: nnx.Module | nnx.State) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
 
 
-def masked_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
-    """sum(w * x) / sum(w), 0 when sum(w) == 0."""
-    return (weights * x).sum() / jnp.maximum(weights.sum(), 1.0)
+# A loss term as (numerator, denominator): its value is num / max(den, 1). Denominators count
+# what a term averages over (studies, masked studies, weighted pixels) and depend on the batch
+# alone, so gradient accumulation can divide every micro-batch's numerator by the whole
+# batch's denominator and get exactly the whole batch's loss (`trainer.make_grad_fn`).
+Ratio = tuple[jax.Array, jax.Array]
 
 
-def study_loss(study_logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """The competition's weighted log loss: (B, 8), (B, 8) -> scalar.
+def masked_ratio(x: jax.Array, weights: jax.Array) -> Ratio:
+    """(sum(w * x), sum(w)): the weighted mean of x as a `Ratio`."""
+    return (weights * x).sum(), weights.sum()
+
+
+def ratio_value(ratio: Ratio) -> jax.Array:
+    """num / den of a `Ratio`, 0 when den == 0."""
+    num, den = ratio
+    return num / jnp.maximum(den, 1.0)
+
+
+def weighted_loss(
+    ratios: dict[str, Ratio], weights: Mapping[str, float]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(sum_t weights[t] * value_t, {t: value_t}) of loss terms given as `Ratio`s."""
+    terms = {name: ratio_value(r) for name, r in ratios.items()}
+    return sum(weights[name] * value for name, value in terms.items()), terms
+
+
+def study_loss(study_logits: jax.Array, labels: jax.Array) -> Ratio:
+    """The competition's weighted log loss: (B, 8), (B, 8) -> its `Ratio`.
 
     Per study sum_j w_j * bce_j / sum_j w_j with w = where(y, POSITIVE, NEGATIVE), then the
     mean over studies.
@@ -134,19 +161,19 @@ def study_loss(study_logits: jax.Array, labels: jax.Array) -> jax.Array:
     labels = labels.astype(jnp.float32)
     weights = jnp.where(labels > 0.5, jnp.asarray(POSITIVE_WEIGHTS), jnp.asarray(NEGATIVE_WEIGHTS))
     bce = optax.sigmoid_binary_cross_entropy(study_logits.astype(jnp.float32), labels)
-    return ((weights * bce).sum(-1) / weights.sum(-1)).mean()
+    per_study = (weights * bce).sum(-1) / weights.sum(-1)
+    return per_study.sum(), jnp.asarray(per_study.shape[0], jnp.float32)
 
 
-def segmentation_losses(seg_logits: jax.Array, mask: jax.Array, valid: jax.Array,
-                        has_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def segmentation_losses(
+    seg_logits: jax.Array, mask: jax.Array, valid: jax.Array, has_mask: jax.Array
+) -> tuple[Ratio, Ratio]:
     """Pixel cross-entropy and soft Dice over the C1..C7 present, on masked studies only.
 
     seg_logits (B, S, h, w, 8), mask (B, S, H, W) int, valid (B, S), has_mask (B,) ->
-    (ce, dice): each a per-study value averaged over the studies with a mask (0 if none).
+    (ce, dice) `Ratio`s: each a per-study value averaged over the studies with a mask.
     """
-    factor = mask.shape[2] // seg_logits.shape[2]
-    # Each output pixel summarises a factor x factor cell: take the label nearest its centre.
-    mask = mask[:, :, factor // 2::factor, factor // 2::factor]
+    mask = label_grid(mask, seg_logits.shape[3])
     logits = seg_logits.astype(jnp.float32)
     pixels = valid.astype(jnp.float32)[:, :, None, None]  # (B, S, 1, 1)
     num_pixels = pixels.sum(axis=(1, 2, 3)) * mask.shape[2] * mask.shape[3]
@@ -165,18 +192,19 @@ def segmentation_losses(seg_logits: jax.Array, mask: jax.Array, valid: jax.Array
     dice_loss = (present * (1.0 - dice)).sum(-1) / jnp.maximum(present.sum(-1), 1.0)
 
     has_mask = has_mask.astype(jnp.float32)
-    return masked_mean(ce, has_mask), masked_mean(dice_loss, has_mask)
+    return masked_ratio(ce, has_mask), masked_ratio(dice_loss, has_mask)
 
 
-def slice_loss(slice_logits: jax.Array, slice_fracture: jax.Array, valid: jax.Array,
-               located: jax.Array) -> jax.Array:
+def slice_loss(
+    slice_logits: jax.Array, slice_fracture: jax.Array, valid: jax.Array, located: jax.Array
+) -> Ratio:
     """BCE of "any fracture on this slice" (noisy-OR of the 7 slice logits), averaged over
     the valid slices of studies whose fractures are `located` (boxes, or none at all).
-    (B, S, 7), (B, S), (B, S), (B,) -> scalar."""
+    (B, S, 7), (B, S), (B, S), (B,) -> its `Ratio`."""
     any_logit = noisy_or_logit(slice_logits.astype(jnp.float32), axis=-1)
     bce = optax.sigmoid_binary_cross_entropy(any_logit, slice_fracture.astype(jnp.float32))
     weights = valid.astype(jnp.float32) * located.astype(jnp.float32)[:, None]
-    return masked_mean(bce, weights)
+    return masked_ratio(bce, weights)
 
 
 def box_cells(fracture: jax.Array, size: int) -> jax.Array:
@@ -184,8 +212,10 @@ def box_cells(fracture: jax.Array, size: int) -> jax.Array:
     positive if any of its pixels is (boxes are thin)."""
     factor = fracture.shape[2] // size
     # Strided slices, not a reshape: the batch axis is sharded and must stay untouched.
-    return functools.reduce(jnp.maximum, [fracture[:, :, i::factor, j::factor]
-                                          for i in range(factor) for j in range(factor)])
+    return functools.reduce(
+        jnp.maximum,
+        [fracture[:, :, i::factor, j::factor] for i in range(factor) for j in range(factor)],
+    )
 
 
 # Box pixels are ~1 % of a slice: weighted up so that they weigh about as much as the rest.
@@ -194,8 +224,9 @@ def box_cells(fracture: jax.Array, size: int) -> jax.Array:
 BOX_PIXEL_WEIGHT = 20.0
 
 
-def fracture_map_loss(fracture_logits: jax.Array, fracture: jax.Array, valid: jax.Array,
-                      located: jax.Array) -> jax.Array:
+def fracture_map_loss(
+    fracture_logits: jax.Array, fracture: jax.Array, valid: jax.Array, located: jax.Array
+) -> Ratio:
     """Pixel BCE of the fracture map against the box masks, box pixels weighted
     `BOX_PIXEL_WEIGHT` times, over the valid slices of the studies whose fractures are
     `located` (boxes, or a negative study: none).
@@ -207,29 +238,30 @@ def fracture_map_loss(fracture_logits: jax.Array, fracture: jax.Array, valid: ja
     bce = optax.sigmoid_binary_cross_entropy(fracture_logits.astype(jnp.float32), target)
     weights = valid.astype(jnp.float32) * located.astype(jnp.float32)[:, None]
     weights = weights[:, :, None, None] * jnp.where(target > 0, BOX_PIXEL_WEIGHT, 1.0)
-    return masked_mean(bce, weights)
+    return masked_ratio(bce, weights)
 
 
-def compute_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
-                 loss_cfg: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted sum of the study, segmentation and slice losses, in float32.
-
-    loss_cfg holds the weights `study`, `seg_ce`, `seg_dice`, `slice`, `fracture_map`
-    (default 0 where absent). Returns the total and
-    the unweighted terms (for logging).
-    """
-    seg_ce, seg_dice = segmentation_losses(outputs["seg_logits"], batch["mask"], batch["valid"],
-                                           batch["has_mask"])
+def loss_ratios(outputs: dict[str, jax.Array], batch: dict[str, jax.Array]) -> dict[str, Ratio]:
+    """The study, segmentation, slice and fracture-map loss terms as `Ratio`s, in float32."""
+    seg_ce, seg_dice = segmentation_losses(
+        outputs["seg_logits"], batch["mask"], batch["valid"], batch["has_mask"]
+    )
     # Where fractures are is known on studies with boxes, and on negative studies: nowhere.
     located = jnp.maximum(batch["has_boxes"], 1.0 - batch["labels"][:, 0])
-    terms = dict(
+    return dict(
         study=study_loss(outputs["study_logits"], batch["labels"]),
         seg_ce=seg_ce,
         seg_dice=seg_dice,
-        slice=slice_loss(outputs["slice_logits"], batch["slice_fracture"], batch["valid"],
-                         located),
-        fracture_map=fracture_map_loss(outputs["fracture_logits"], batch["fracture"],
-                                       batch["valid"], located),
+        slice=slice_loss(outputs["slice_logits"], batch["slice_fracture"], batch["valid"], located),
+        fracture_map=fracture_map_loss(
+            outputs["fracture_logits"], batch["fracture"], batch["valid"], located
+        ),
     )
-    total = sum(loss_cfg.get(name, 0.0) * value for name, value in terms.items())
-    return total, terms
+
+
+def compute_loss(
+    outputs: dict[str, jax.Array], batch: dict[str, jax.Array], loss_cfg: Mapping[str, float]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The weighted sum of `loss_ratios` (weights `study`, `seg_ce`, `seg_dice`, `slice`,
+    `fracture_map` of loss_cfg) and the unweighted term values (for logging)."""
+    return weighted_loss(loss_ratios(outputs, batch), loss_cfg)

@@ -8,7 +8,7 @@ slices as the single model's are), each with its K neighbours as channels, cropp
 the vertebra's box and resampled to c x c pixels. Training and inference build stacks with the
 same function, `vertebra_stack`.
 
-A study example (`SampleVertebrae`: evaluation, and training with stage2.example 'study'),
+A study example (`SampleStudyStacks`: evaluation, and training with stage2.example 'study'),
 with leading batch dim B after batching:
   image:        float32 (7, T, c, c, K * n_windows + 1) windowed HU in ~[0, 1], then the
                 slice's relative z position (`pipeline.add_position`)
@@ -17,7 +17,7 @@ with leading batch dim B after batching:
                 (`augment.apply_warp`); `pipeline.NO_WARP` outside training
   labels:       float32 (8,) [patient_overall, C1..C7] (zeros for unlabelled studies)
   study_index:  int32   () the study's index in the entry list given to the dataset
-A vertebra example (`SampleVertebra`: training with stage2.example 'vertebra') is one found
+A vertebra example (`SampleVertebraStack`: training with stage2.example 'vertebra') is one found
 vertebra's stack: image (T, c, c, C), warp (4,), level int32 () 0-6, label float32 () its
 C1..C7 label, study_index.
 """
@@ -34,8 +34,7 @@ import grain
 import numpy as np
 
 from cspine_jax.data import cache, pipeline
-
-NUM_VERTEBRAE = pipeline.NUM_VERTEBRAE
+from cspine_jax.data.rsna import NUM_VERTEBRAE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +67,9 @@ def locate(segmentation: np.ndarray, min_area: float) -> Located:
     """
     segmentation = np.asarray(segmentation)
     h, w = segmentation.shape[1:]
-    area = np.stack([(segmentation == v + 1).mean(axis=(1, 2)) for v in range(NUM_VERTEBRAE)],
-                    axis=-1).astype(np.float32)
+    area = np.stack(
+        [(segmentation == v + 1).mean(axis=(1, 2)) for v in range(NUM_VERTEBRAE)], axis=-1
+    ).astype(np.float32)
     boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0], np.float32), (NUM_VERTEBRAE, 1))
     for v, slices in enumerate(vertebra_slices(area, min_area)):
         pixels = (segmentation[slices] == v + 1).any(axis=0)
@@ -103,11 +103,17 @@ def crop_box(stacks: np.ndarray, box: np.ndarray, margin: float, size: int) -> n
     return rows[:, :, lo] * (1 - wt)[:, None] + rows[:, :, hi] * wt[:, None]
 
 
-def vertebra_stack(image: np.ndarray, slices: np.ndarray, box: np.ndarray,
-                   stacks_config: Mapping[str, Any], context: int,
-                   rng: np.random.Generator | None = None,
-                   augment: Mapping[str, Any] | None = None, focus: np.ndarray | None = None,
-                   focus_prob: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def vertebra_stack(
+    image: np.ndarray,
+    slices: np.ndarray,
+    box: np.ndarray,
+    stacks_config: Mapping[str, Any],
+    context: int,
+    rng: np.random.Generator | None = None,
+    augment: Mapping[str, Any] | None = None,
+    focus: np.ndarray | None = None,
+    focus_prob: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The stack of one vertebra of a prepared study (z', G, G, W) uint8, found by stage 1 on
     `slices` (ascending, non-empty) within `box` -> ((T, c, c, K * W + 1) float32, warp (4,),
     the stack's slice indices (T,)).
@@ -118,9 +124,15 @@ def vertebra_stack(image: np.ndarray, slices: np.ndarray, box: np.ndarray,
     `augment` (`data.augment`) the stack gets the single model's augmentation: flip and
     intensity here, and a warp for the train step.
     """
-    centres = slices[pipeline.sample_centres(
-        len(slices), int(stacks_config["num_slices"]), rng,
-        None if focus is None else focus[slices], focus_prob)]
+    centres = slices[
+        pipeline.sample_centres(
+            len(slices),
+            int(stacks_config["num_slices"]),
+            rng,
+            None if focus is None else focus[slices],
+            focus_prob,
+        )
+    ]
     stack = pipeline.stack_context(image, centres, context).astype(np.float32) / 255.0
     if stacks_config["crop"]:
         stack = crop_box(stack, box, stacks_config["margin"], int(stacks_config["crop"]))
@@ -130,10 +142,16 @@ def vertebra_stack(image: np.ndarray, slices: np.ndarray, box: np.ndarray,
     return pipeline.add_position(stack, centres, image.shape[0]), warp, centres
 
 
-def study_stacks(image: np.ndarray, located: Located, stacks_config: Mapping[str, Any],
-                 context: int, rng: np.random.Generator | None = None,
-                 augment: Mapping[str, Any] | None = None, focus: np.ndarray | None = None,
-                 focus_prob: float = 0.0) -> tuple[np.ndarray, ...]:
+def study_stacks(
+    image: np.ndarray,
+    located: Located,
+    stacks_config: Mapping[str, Any],
+    context: int,
+    rng: np.random.Generator | None = None,
+    augment: Mapping[str, Any] | None = None,
+    focus: np.ndarray | None = None,
+    focus_prob: float = 0.0,
+) -> tuple[np.ndarray, ...]:
     """A prepared study (z', G, G, W) uint8 and stage 1's `located` -> the seven vertebra
     stacks (7, T, c, c, K * W + 1) float32, found (7,) float32, warps (7, 4) float32 and the
     stacks' slice indices (7, T) int64.
@@ -150,8 +168,16 @@ def study_stacks(image: np.ndarray, located: Located, stacks_config: Mapping[str
     for v, slices in enumerate(vertebra_slices(located.area, stacks_config["min_area"])):
         if len(slices):
             out[v], warps[v], centres[v] = vertebra_stack(
-                image, slices, located.boxes[v], stacks_config, context, rng, augment, focus,
-                focus_prob)
+                image,
+                slices,
+                located.boxes[v],
+                stacks_config,
+                context,
+                rng,
+                augment,
+                focus,
+                focus_prob,
+            )
             found[v] = 1.0
     return out, found, warps, centres
 
@@ -162,8 +188,9 @@ def boxed_slices(entry: cache.Entry) -> np.ndarray | None:
     return entry.slice_fracture() > 0 if entry.has_boxes else None
 
 
-def slice_labels(entry: cache.Entry, boxed: np.ndarray | None, level: int,
-                 centres: np.ndarray) -> np.ndarray:
+def slice_labels(
+    entry: cache.Entry, boxed: np.ndarray | None, level: int, centres: np.ndarray
+) -> np.ndarray:
     """(T,) float32: 1 where a fracture box touches the slice (`boxed`, `boxed_slices` of the
     study) and vertebra `level` (0-6) is fractured. Boxes do not say which vertebra they are
     on: a boxed slice of a fractured vertebra's stack counts as its fracture, one of an intact
@@ -173,78 +200,129 @@ def slice_labels(entry: cache.Entry, boxed: np.ndarray | None, level: int,
     return (boxed[centres] * entry.labels[1 + level]).astype(np.float32)
 
 
-class SampleVertebrae(grain.transforms.RandomMap):
+class SampleStudyStacks(grain.transforms.RandomMap):
     """cache.Entry (+ its index) -> one stage-2 example of the whole study (see module doc).
 
     In training the stacks have `train_slices` slices where the stacks config sets it (else
     num_slices, as outside training): the GRU reads any length."""
 
-    def __init__(self, located: Mapping[str, Located], data_config: Mapping[str, Any],
-                 stacks_config: Mapping[str, Any], train: bool):
+    def __init__(
+        self,
+        located: Mapping[str, Located],
+        data_config: Mapping[str, Any],
+        stacks_config: Mapping[str, Any],
+        train: bool,
+    ):
         self.located = dict(located)
         self.stacks = dict(stacks_config)
-        if train and self.stacks.get("train_slices"):
+        if train and self.stacks["train_slices"]:
             self.stacks["num_slices"] = self.stacks["train_slices"]
         self.context = int(data_config["context"])
         self.augment = dict(data_config["augment"]) if train else None
-        self.fracture_focus = float(data_config.get("fracture_focus", 0.0))
+        self.fracture_focus = float(data_config["fracture_focus"])
 
-    def random_map(self, element: tuple[int, cache.Entry],
-                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def random_map(
+        self, element: tuple[int, cache.Entry], rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
         index, entry = element
         train = self.augment is not None
         boxed = boxed_slices(entry)  # once: the slice labels and the focus both use it
         stacks, found, warps, centres = study_stacks(
-            entry.image(), self.located[entry.uid], self.stacks, self.context,
-            rng if train else None, self.augment, boxed if train else None,
-            self.fracture_focus)
+            entry.image(),
+            self.located[entry.uid],
+            self.stacks,
+            self.context,
+            rng if train else None,
+            self.augment,
+            boxed if train else None,
+            self.fracture_focus,
+        )
         labels = np.zeros(8, np.float32) if entry.labels is None else entry.labels
-        slices = np.stack([slice_labels(entry, boxed, v, centres[v])
-                           for v in range(NUM_VERTEBRAE)])
-        return {"image": stacks, "found": found, "warp": warps,
-                "labels": labels.astype(np.float32), "slice_fracture": slices * found[:, None],
-                "has_boxes": np.float32(entry.has_boxes), "study_index": np.int32(index)}
+        slices = np.stack([slice_labels(entry, boxed, v, centres[v]) for v in range(NUM_VERTEBRAE)])
+        return {
+            "image": stacks,
+            "found": found,
+            "warp": warps,
+            "labels": labels.astype(np.float32),
+            "slice_fracture": slices * found[:, None],
+            "has_boxes": np.float32(entry.has_boxes),
+            "study_index": np.int32(index),
+        }
 
 
-class SampleVertebra(SampleVertebrae):
+class SampleVertebraStack(SampleStudyStacks):
     """(index, cache.Entry, vertebra 0-6) -> one stage-2 training example of one vertebra:
     image (T, c, c, C), warp (4,), level int32 (), label float32 () (1: that vertebra is
     fractured), slice_fracture (T,) (`slice_labels`), has_boxes (), study_index int32 ()."""
 
-    def __init__(self, located: Mapping[str, Located], data_config: Mapping[str, Any],
-                 stacks_config: Mapping[str, Any]):
+    def __init__(
+        self,
+        located: Mapping[str, Located],
+        data_config: Mapping[str, Any],
+        stacks_config: Mapping[str, Any],
+    ):
         super().__init__(located, data_config, stacks_config, train=True)
 
-    def random_map(self, element: tuple[int, cache.Entry, int],
-                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def random_map(
+        self, element: tuple[int, cache.Entry, int], rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
         index, entry, v = element
         located = self.located[entry.uid]
         slices = vertebra_slices(located.area, self.stacks["min_area"])[v]
         boxed = boxed_slices(entry)
-        stack, warp, centres = vertebra_stack(entry.image(), slices, located.boxes[v],
-                                              self.stacks, self.context, rng, self.augment,
-                                              boxed, self.fracture_focus)
+        stack, warp, centres = vertebra_stack(
+            entry.image(),
+            slices,
+            located.boxes[v],
+            self.stacks,
+            self.context,
+            rng,
+            self.augment,
+            boxed,
+            self.fracture_focus,
+        )
         label = 0.0 if entry.labels is None else entry.labels[1 + v]
-        return {"image": stack, "warp": warp, "level": np.int32(v), "label": np.float32(label),
-                "slice_fracture": slice_labels(entry, boxed, v, centres),
-                "has_boxes": np.float32(entry.has_boxes), "study_index": np.int32(index)}
+        return {
+            "image": stack,
+            "warp": warp,
+            "level": np.int32(v),
+            "label": np.float32(label),
+            "slice_fracture": slice_labels(entry, boxed, v, centres),
+            "has_boxes": np.float32(entry.has_boxes),
+            "study_index": np.int32(index),
+        }
 
 
-def vertebra_train_dataset(entries: Sequence[cache.Entry], located: Mapping[str, Located],
-                           data_config: Mapping[str, Any], stacks_config: Mapping[str, Any], *,
-                           seed: int, global_batch: int, process_index: int = 0,
-                           process_count: int = 1) -> grain.MapDataset:
-    """Infinite, shuffled batches of single vertebra stacks (`SampleVertebra`): every vertebra
+def vertebra_train_dataset(
+    entries: Sequence[cache.Entry],
+    located: Mapping[str, Located],
+    data_config: Mapping[str, Any],
+    stacks_config: Mapping[str, Any],
+    *,
+    seed: int,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """Infinite, shuffled batches of single vertebra stacks (`SampleVertebraStack`): every vertebra
     stage 1 found in every study, shuffled across studies, so that a batch of B stacks comes
     from ~B studies (a detector trained on a few studies' slices a step does not learn:
     README). Sharded over processes as `pipeline.train_dataset`."""
     min_area = stacks_config["min_area"]
-    elements = [(i, e, v) for i, e in enumerate(entries)
-                for v, slices in enumerate(vertebra_slices(located[e.uid].area, min_area))
-                if len(slices)]
-    return pipeline.train_stream(elements, SampleVertebra(located, data_config, stacks_config),
-                                 seed=seed, global_batch=global_batch,
-                                 process_index=process_index, process_count=process_count)
+    elements = [
+        (i, e, v)
+        for i, e in enumerate(entries)
+        for v, slices in enumerate(vertebra_slices(located[e.uid].area, min_area))
+        if len(slices)
+    ]
+    return pipeline.train_stream(
+        elements,
+        SampleVertebraStack(located, data_config, stacks_config),
+        seed=seed,
+        global_batch=global_batch,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 def save_located(path: str, located: Mapping[str, Located], seconds: float) -> None:
@@ -262,5 +340,7 @@ def save_located(path: str, located: Mapping[str, Located], seconds: float) -> N
 def load_located(path: str, uids: Sequence[str]) -> tuple[dict[str, Located], float]:
     """The `Located` of each of `uids` from `save_located`'s file, and its seconds."""
     with np.load(path, allow_pickle=False) as f:
-        return ({uid: Located(f[f"{uid}.area"], f[f"{uid}.boxes"]) for uid in uids},
-                float(f["seconds"]))
+        return (
+            {uid: Located(f[f"{uid}.area"], f[f"{uid}.boxes"]) for uid in uids},
+            float(f["seconds"]),
+        )
