@@ -9,7 +9,9 @@ save leaves the previous checkpoints readable; steps it drops are first renamed 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 from typing import Any
@@ -49,6 +51,8 @@ def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.Checkpo
             barrier_sync_key_prefix=f"reader{jax.process_index()}",
         )
     options = ocp.CheckpointManagerOptions(
+        # A reader saves nothing; Orbax would set this itself, with a warning.
+        save_interval_steps=0 if read_only else 1,
         preservation_policy=policy,
         best_fn=lambda m: m[BEST_METRIC],
         best_mode="min",
@@ -58,12 +62,32 @@ def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.Checkpo
         todelete_subdir=None if read_only else _DELETED,
         multiprocessing_options=processes,
     )
-    mngr = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
-    )
+    with _without_read_only_notice() if read_only else contextlib.nullcontext():
+        mngr = ocp.CheckpointManager(
+            os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
+        )
     if not read_only:
         _purge_deleted(mngr)
     return mngr
+
+
+class _ReadOnlyNotice(logging.Filter):
+    """Orbax's WARNING 'Given directory is read only=...' on every read-only manager:
+    expected for a reader (`load_model`, evaluation), not a problem to report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _without_read_only_notice():
+    """Meanwhile the absl logger, which Orbax logs through, drops `_ReadOnlyNotice`."""
+    logger, notice = logging.getLogger("absl"), _ReadOnlyNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def _purge_deleted(mngr: ocp.CheckpointManager) -> None:
@@ -156,6 +180,8 @@ def load_model(
 
     Works in a fresh process: shapes come from the saved config, values from Orbax.
     """
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"{workdir}: no checkpoints here (not a training run's folder)")
     mngr = manager(workdir, read_only=True)
     try:
         step = best_step(mngr) if step is None else step

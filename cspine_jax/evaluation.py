@@ -6,6 +6,11 @@ rounded up to a bucket (a handful of compiled programs for all study lengths). T
 baseline is scored alike (`baseline.predictor`): its segmenter reads every slice in chunks,
 then its classifier reads the vertebra stacks that gives. Every run, of either family, ends in
 `finish_run`, and `evaluate.py` reads a finished run back by the same `evaluate_run`.
+
+Decisions use one threshold per label, chosen on the run's held-out fold (Youden's J,
+`metrics.decision_thresholds`) and saved in its metrics.json; other studies are scored with
+those (`read_run_thresholds`). metrics.json is strict JSON (`metrics_json`): an undefined
+value is null, with the reason under `undefined`.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import csv
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +34,7 @@ from cspine_jax.models.heads import label_grid
 from cspine_jax.systems import Predictor, StudyPrediction
 
 _Z_BUCKET = 64
+HELD_OUT = "held-out fold"  # `thresholds_from` of thresholds chosen on the run's held-out fold
 
 
 def encode_chunks(encode, state, image: np.ndarray, chunk: int, context: int) -> list[np.ndarray]:
@@ -111,28 +117,162 @@ def predict_entries(
 def evaluate_entries(
     predictor: Predictor,
     entries: Sequence[cache.Entry],
-    threshold: float | None = None,
+    thresholds: float | Mapping[str, float] | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, float], Predictions]:
     """Every held-out metric of `entries` (all labelled) and the predictions behind them.
 
-    `threshold` (patient_overall decision threshold) defaults to Youden's J on these
-    studies themselves; pass the validation fold's to evaluate another set fairly.
+    `thresholds` (label -> decision threshold, or one for all labels) default to each
+    label's Youden's J on these studies themselves (`metrics.decision_thresholds`); pass
+    those a run chose on its held-out fold to evaluate another set fairly.
     """
     predictions = predict_entries(predictor, entries, progress)
     y_true = np.stack([e.labels for e in entries])
-    if threshold is None:
-        threshold = metrics.youden_threshold(y_true, predictions.probs)
-    values = metrics.study_metrics(y_true, predictions.probs, threshold)
+    if thresholds is None:
+        thresholds = metrics.decision_thresholds(y_true, predictions.probs)
+    values = metrics.study_metrics(y_true, predictions.probs, thresholds)
     if predictions.confusion.any():
         values.update(metrics.dice_iou(predictions.confusion))
     return values, predictions
 
 
-def format_table(values: dict[str, float]) -> str:
-    """Metric name / value lines, for terminals and logs."""
+def _is_count(key: str) -> bool:
+    """Counts: integers in metrics.json and in the table."""
+    return key in ("step", "studies") or key.startswith("positives_")
+
+
+def format_table(values: Mapping[str, float]) -> str:
+    """Metric name / value lines, for terminals and logs; an undefined value reads
+    `n/a (<why>)` (`metrics.undefined_reasons`)."""
+    reasons = metrics.undefined_reasons(values)
     width = max(len(k) for k in values)
-    return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in values.items())
+
+    def text(key: str, v: float) -> str:
+        if key in reasons:
+            return f"n/a ({reasons[key]})"
+        return str(int(v)) if _is_count(key) else f"{v:.4f}"
+
+    return "\n".join(f"{k:<{width}}  {text(k, v)}" for k, v in values.items())
+
+
+def _fallbacks_here(values: Mapping[str, float], where: str) -> dict[str, str]:
+    """`metrics.threshold_fallbacks` of thresholds chosen on the studies `values` scores."""
+    if "studies" not in values:
+        return {}
+    positives = {name: values[f"positives_{name}"] for name in rsna.LABEL_COLUMNS}
+    return metrics.threshold_fallbacks(positives, values["studies"], where)
+
+
+def metrics_json(
+    values: Mapping[str, float],
+    thresholds_from: str = HELD_OUT,
+    threshold_fallbacks: Mapping[str, str] | None = None,
+) -> dict[str, object]:
+    """The strict-JSON form of a metrics dict (`evaluate_run`'s), as metrics.json holds it.
+
+    The keys of `values` in their order, each undefined (non-finite) value as null with its
+    reason in `undefined` (key -> why, `metrics.undefined_reasons`), counts as integers;
+    after `threshold` (patient_overall's), `thresholds` (label -> decision threshold, from
+    `threshold` and `threshold_C1`..`threshold_C7`), `thresholds_from` (where they were
+    chosen: `HELD_OUT`, or the path of the run's metrics.json they were read from) and
+    `threshold_fallbacks` (label -> why its threshold is a fallback; by default, for
+    thresholds chosen on the held-out fold, derived from the counts in `values`, which are
+    that fold's; else none). `metrics_from_json` reads it back.
+    """
+    reasons = metrics.undefined_reasons(values)
+    if threshold_fallbacks is None:
+        threshold_fallbacks = (
+            _fallbacks_here(values, "the held-out fold") if thresholds_from == HELD_OUT else {}
+        )
+    vertebra_thresholds = {f"threshold_{v}" for v in rsna.VERTEBRAE}
+    out: dict[str, object] = {}
+    for key, v in values.items():
+        if key in vertebra_thresholds:
+            continue
+        out[key] = None if key in reasons else int(v) if _is_count(key) else float(v)
+        if key == "threshold":
+            out["thresholds"] = {
+                "patient_overall": float(v),
+                **{n: float(values.get(f"threshold_{n}", v)) for n in rsna.VERTEBRAE},
+            }
+            out["thresholds_from"] = thresholds_from
+            out["threshold_fallbacks"] = dict(threshold_fallbacks or {})
+    out["undefined"] = reasons
+    return out
+
+
+def metrics_from_json(record: Mapping[str, object]) -> dict[str, float]:
+    """The metrics dict (floats, NaN where undefined) back from its `metrics_json` form."""
+    out = {}
+    for key, v in record.items():
+        if key in ("thresholds_from", "threshold_fallbacks", "undefined"):
+            continue
+        if key == "thresholds":  # right after `threshold`, as study_metrics orders them
+            out.update({f"threshold_{name}": float(v[name]) for name in rsna.VERTEBRAE})
+        else:
+            out[key] = float("nan") if v is None else float(v)
+    return out
+
+
+def write_metrics(path: str, values: Mapping[str, float], **kwargs) -> str:
+    """Writes `metrics_json(values, **kwargs)` to `path` as strict JSON (a NaN or infinity
+    left in it raises ValueError); returns the path."""
+    record = metrics_json(values, **kwargs)
+    text = json.dumps(record, indent=1, allow_nan=False)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    return path
+
+
+class ThresholdsError(ValueError):
+    """A run's metrics.json holds no usable decision thresholds (the message names it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunThresholds:
+    """The decision thresholds a finished run chose on its held-out fold.
+
+    Attributes:
+      thresholds: label -> threshold, every label of `rsna.LABEL_COLUMNS`.
+      path: the run's metrics.json they were read from.
+      step: the checkpoint step they were chosen for (None if the file does not say).
+      fallbacks: label -> why its threshold is a fallback (for a run with one `threshold`
+        only: the vertebrae, which take it).
+    """
+
+    thresholds: dict[str, float]
+    path: str
+    step: int | None
+    fallbacks: dict[str, str]
+
+
+def read_run_thresholds(workdir: str) -> RunThresholds | None:
+    """The decision thresholds in `workdir/metrics.json`: its `thresholds`, or, written
+    before there was one per label, its `threshold` for every label. None where the run has
+    no metrics.json (it has not finished).
+
+    Raises:
+      ThresholdsError: the file holds no usable thresholds (names the file).
+    """
+    path = os.path.join(os.path.abspath(workdir), "metrics.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)  # an older run's file may hold bare NaN
+        per_label = "thresholds" in record
+        found = record["thresholds"] if per_label else record.get("threshold")
+        if found is None:
+            raise ValueError("neither 'thresholds' nor 'threshold'")
+        thresholds = metrics.as_thresholds(found)
+        step = record.get("step")
+        step = None if step is None else int(step)
+        fallbacks = dict(record.get("threshold_fallbacks") or {})
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ThresholdsError(f"{path}: no decision thresholds to apply: {e}") from None
+    if not per_label:
+        fallbacks = dict.fromkeys(rsna.VERTEBRAE, "the run saved one threshold, for all labels")
+    return RunThresholds(thresholds, path, step, fallbacks)
 
 
 def write_submission(
@@ -157,6 +297,17 @@ def write_submission(
         writer.writerows((r, f"{values[r]:.6f}") for r in rows)
 
 
+def _checkpoint_note(workdir: str, step: int) -> str:
+    """`step`'s validation loss and whether it is the run's best by it."""
+    with checkpoints.manager(workdir, read_only=True) as mngr:
+        best, saved = checkpoints.best_step(mngr), mngr.metrics(step) or {}
+    loss = saved.get(checkpoints.BEST_METRIC)
+    if loss is None:
+        return f"no {checkpoints.BEST_METRIC} saved with it"
+    rank = "the best" if best == step else f"not the best (step {best} is)"
+    return f"{checkpoints.BEST_METRIC} {loss:.4f}, {rank} by {checkpoints.BEST_METRIC}"
+
+
 def evaluate_run(
     workdir: str,
     data_dir: str | None = None,
@@ -167,50 +318,89 @@ def evaluate_run(
 ) -> dict[str, float]:
     """Restores a run's best (or `step`) checkpoint and evaluates it.
 
-    Without `data_dir`: the run's own held-out fold, exactly as training reported it.
+    Without `data_dir`: the run's own held-out fold, exactly as training reported it, with
+    each label's decision threshold chosen on it (`metrics.decision_thresholds`).
     With `data_dir`: every study of that RSNA-layout folder, prepared on the run's grid;
-    labelled (train.csv) studies are scored with the decision threshold the run chose on its
-    held-out fold, unlabelled (test.csv) ones only get a submission.
-    Writes metrics.json, submission.csv and the report pictures into `out_dir`
-    (default `workdir/eval`, or `workdir/eval-<folder name>` with `data_dir`); the pictures
-    also into `writer` (default: a new one in `out_dir/tensorboard`).
+    labelled (train.csv) studies are scored with the decision thresholds the run chose on
+    its held-out fold (`read_run_thresholds`: its metrics.json; a run without one has them
+    chosen on these studies, and says so), unlabelled (test.csv) ones only get a submission.
+    Writes metrics.json (`write_metrics`: strict JSON, with `thresholds` and
+    `thresholds_from`), submission.csv and the report pictures into `out_dir` (default
+    `workdir/eval`, or `workdir/eval-<folder name>` with `data_dir`); the pictures also into
+    `writer` (default: a new one in `out_dir/tensorboard`). With `progress`, prints what it
+    evaluates before scoring and the paths it wrote at the end.
+
+    Returns:
+      The metrics as floats (`metrics.study_metrics`' and `dice_iou`'s keys after `step`), NaN
+      where undefined; empty for unlabelled studies. `metrics_json` gives their file form.
     """
     model, config, step = checkpoints.load_model(workdir, step)
     predictor = systems.get(config).make_predictor(model, config)
-    threshold = None
+    say = print if progress else lambda *_: None
+    say(
+        f"evaluate: run {os.path.abspath(workdir)}, checkpoint step {step} "
+        f"({_checkpoint_note(workdir, step)})"
+    )
+    thresholds, thresholds_from, fallbacks = None, HELD_OUT, None
     if data_dir is None:
-        _, entries = sources.split_entries(
-            cache.read_entries(sources.prepared_cache(config.data, progress=progress)),
-            config.data,
-            config.seed,
+        cache_dir = sources.prepared_cache(config.data, progress=progress)
+        _, entries = sources.split_entries(cache.read_entries(cache_dir), config.data, config.seed)
+        which = (
+            f"the run's held-out fold (fold {config.data.fold} of {config.data.num_folds} of "
+            f"{config.data.dir or 'its phantoms'}; cache {cache_dir})"
         )
     else:
         data_config = config.data.copy_and_resolve_references()
         data_config.update(dir=os.path.abspath(data_dir), cache_dir="")
-        entries = cache.read_entries(sources.prepared_cache(data_config, progress=progress))
-        run_metrics = os.path.join(workdir, "metrics.json")
-        if os.path.exists(run_metrics):
-            with open(run_metrics) as f:
-                threshold = json.load(f)["threshold"]
+        cache_dir = sources.prepared_cache(data_config, progress=progress)
+        entries = cache.read_entries(cache_dir)
+        which = f"every study of {os.path.abspath(data_dir)} (cache {cache_dir})"
+        saved = read_run_thresholds(workdir)
+        if saved is None:
+            thresholds_from = (
+                "these studies, the run having no metrics.json "
+                f"({os.path.join(os.path.abspath(workdir), 'metrics.json')})"
+            )
+        else:
+            thresholds, thresholds_from, fallbacks = saved.thresholds, saved.path, saved.fallbacks
+            if saved.step is not None and saved.step != step:
+                thresholds_from += f" (chosen for checkpoint step {saved.step})"
     name = "eval" if data_dir is None else f"eval-{os.path.basename(os.path.abspath(data_dir))}"
-    out_dir = out_dir or os.path.join(workdir, name)
+    out_dir = os.path.abspath(out_dir or os.path.join(workdir, name))
     os.makedirs(out_dir, exist_ok=True)
 
     labelled = all(e.labels is not None for e in entries)
+    say(f"evaluate: {len(entries)} {'labelled' if labelled else 'unlabelled'} studies, {which}")
+    if labelled and thresholds is None:
+        where = "the run's held-out fold" if thresholds_from == HELD_OUT else thresholds_from
+        say(f"evaluate: decision thresholds: each label's Youden's J on {where}")
+    elif labelled:
+        say(f"evaluate: decision thresholds from {thresholds_from}")
+    say(f"evaluate: output folder {out_dir}")
+    written = []
     if labelled:
-        values, predictions = evaluate_entries(predictor, entries, threshold, progress)
+        values, predictions = evaluate_entries(predictor, entries, thresholds, progress)
         values = {"step": float(step), **values}
+        if data_dir is not None and thresholds is None:  # chosen on these studies
+            fallbacks = _fallbacks_here(values, "these studies")
         y_true = np.stack([e.labels for e in entries])
         own_writer = writer is None
         if own_writer:
             writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-        report.write_report(
+        figures = report.write_report(
             out_dir, y_true, predictions.probs, predictions.confusion, writer=writer, step=step
         )
+        logdir = getattr(writer, "logdir", None)
         if own_writer:
             writer.close()
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(values, f, indent=1)
+        written.append(
+            write_metrics(
+                os.path.join(out_dir, "metrics.json"),
+                values,
+                thresholds_from=thresholds_from,
+                threshold_fallbacks=fallbacks,
+            )
+        )
     else:
         predictions, values = predict_entries(predictor, entries, progress), {}
     row_ids = None
@@ -218,10 +408,12 @@ def evaluate_run(
     if data_dir is not None and os.path.exists(test_csv):
         with open(test_csv, newline="") as f:
             row_ids = [row["row_id"] for row in csv.DictReader(f)]
-    write_submission(
-        os.path.join(out_dir, "submission.csv"),
-        [e.uid for e in entries],
-        predictions.probs,
-        row_ids,
-    )
+    written.append(os.path.join(out_dir, "submission.csv"))
+    write_submission(written[-1], [e.uid for e in entries], predictions.probs, row_ids)
+    for path in written:
+        say(f"evaluate: wrote {path}")
+    if labelled:
+        names = ", ".join(os.path.basename(p) for p in figures.values())
+        tensorboard = f"; TensorBoard images in {logdir}" if logdir else ""
+        say(f"evaluate: figures in {out_dir} ({names}){tensorboard}")
     return values

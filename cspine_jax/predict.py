@@ -5,18 +5,27 @@
 Loads the run's best checkpoint (or `--step`), preprocesses the series exactly as the
 training cache did, scores it with the run's whole-study predictor (`systems.get(config)`,
 the code path of held-out evaluation) and writes
-  OUT/<StudyInstanceUID>.json  `patient_overall`, `C1`..`C7` probabilities and run details;
+  OUT/<StudyInstanceUID>.json  `patient_overall`, `C1`..`C7` probabilities, the decisions
+                               and run details;
   OUT/<StudyInstanceUID>.png   sagittal, coronal and axial views of the CT (bone window) with
                                the predicted vertebra labels and a fracture heat map
                                (`triage_figure`).
 
-The heat map is the gradient saliency (`saliency.FractureSaliency`) of the study fracture
-logits of the suspected levels (p > 0.5, else the most likely one) with respect to the input
-image, computed chunk by chunk so memory stays bounded whatever the study length; it needs
-the single model's slice logits, so a two-stage run is not supported. Errors (not a DICOM
-series, no checkpoint) print one line and exit with status 1.
+Decisions are the run's own: a level is `suspected` where its probability reaches the
+decision threshold the run chose for it on its held-out fold (p >= t; `thresholds` in the
+run's metrics.json, or its single `threshold` for every label, `evaluation.read_run_thresholds`).
+A run without metrics.json (still training, or stopped) has none: every label then takes
+`saliency.SUSPECT_THRESHOLD` (0.5), and the JSON's `thresholds_from` and a printed note say so.
 
-JSON units: probabilities in [0, 1]; `source_spacing_mm` (dz, dy, dx) and
+The heat map is the gradient saliency (`saliency.FractureSaliency`) of the study fracture
+logits of the suspected levels (else the most likely one) with respect to the input image,
+computed chunk by chunk so memory stays bounded whatever the study length; it needs the
+single model's slice logits, so a two-stage run is not supported. Errors (not a DICOM series,
+no checkpoint, a metrics.json without thresholds) print one line and exit with status 1.
+
+JSON: probabilities and `thresholds` (label -> decision threshold) in [0, 1];
+`thresholds_from` (the run's metrics.json, or why the fallback); `suspected` (levels at or
+above their threshold), `patient_overall_suspected`; `source_spacing_mm` (dz, dy, dx) and
 `prepared_spacing_mm` (spacing_z, dy, dx) in mm, voxel order (z, y, x); `picture_planes` in
 source voxel indices; times in seconds.
 """
@@ -32,7 +41,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cspine_jax import checkpoints, report, saliency, systems, triage_figure
+from cspine_jax import checkpoints, evaluation, report, saliency, systems, triage_figure
 from cspine_jax.data import dicom, prepare, preprocess
 from cspine_jax.data.rsna import LABEL_COLUMNS, VERTEBRAE
 from cspine_jax.saliency import SUSPECT_THRESHOLD
@@ -43,17 +52,38 @@ def _file_stem(uid: str) -> str:
     return re.sub(r"[^\w.-]", "_", uid)
 
 
+def decision_thresholds(workdir: str, step: int) -> tuple[dict[str, float], str]:
+    """(label -> threshold, where they come from) for the run's `step`: the thresholds the
+    run saved in its metrics.json, else `SUSPECT_THRESHOLD` for every label.
+
+    Raises:
+      evaluation.ThresholdsError: the run's metrics.json holds no usable thresholds.
+    """
+    saved = evaluation.read_run_thresholds(workdir)
+    if saved is None:
+        path = os.path.join(os.path.abspath(workdir), "metrics.json")
+        return dict.fromkeys(LABEL_COLUMNS, SUSPECT_THRESHOLD), (
+            f"fallback {SUSPECT_THRESHOLD}: {path} not found (the run has not finished)"
+        )
+    source = saved.path
+    if saved.step is not None and saved.step != step:
+        source += f" (chosen for checkpoint step {saved.step})"
+    return saved.thresholds, source
+
+
 def predict_study(
     study_dir: str, workdir: str, out_dir: str, step: int | None = None
 ) -> dict[str, object]:
     """Scores one DICOM series and writes `<uid>.json` and `<uid>.png` into `out_dir`.
 
     Returns:
-      The JSON record: `patient_overall`, `C1`..`C7` probabilities and run details.
+      The JSON record: `patient_overall`, `C1`..`C7` probabilities, the decisions and run
+      details; `json` and `picture`: the paths written.
 
     Raises:
       dicom.DicomError: `study_dir` is not one readable CT series.
       FileNotFoundError: `workdir` has no checkpoint (or not `step`).
+      evaluation.ThresholdsError: the run's metrics.json holds no usable thresholds.
     """
     start = time.perf_counter()
     timings = {}
@@ -66,6 +96,7 @@ def predict_study(
     series = dicom.load_series(study_dir)
     t = lap("read", start)
     model, config, step = checkpoints.load_model(workdir, step)
+    thresholds, thresholds_from = decision_thresholds(workdir, step)
     t = lap("load_model", t)
     params = prepare.preprocessing_params(config.data)
     prepared = preprocess.prepare_series(series, **params)
@@ -76,7 +107,8 @@ def predict_study(
     prediction = predictor(prepared.image)
     t = lap("predict", t)
     probs = prediction.probs
-    levels = saliency.suspected_levels(probs)
+    suspected = probs >= np.array([thresholds[name] for name in LABEL_COLUMNS])
+    levels = saliency.suspected_levels(probs, thresholds)
     heat = explain(prepared.image, levels, prediction)
     t = lap("saliency", t)
     views, planes = triage_figure.study_views(
@@ -89,7 +121,7 @@ def predict_study(
         "not a diagnosis".format(*series.spacing)
     )
     fig = triage_figure.study_figure(
-        series.uid, probs, levels, views, planes, series.spacing, footnote
+        series.uid, probs, levels, views, planes, series.spacing, footnote, thresholds
     )
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, _file_stem(series.uid))
@@ -101,8 +133,10 @@ def predict_study(
     }
     record.update(
         StudyInstanceUID=series.uid,
-        suspected=[VERTEBRAE[i] for i in np.flatnonzero(probs[1:] > SUSPECT_THRESHOLD)],
-        threshold=SUSPECT_THRESHOLD,
+        suspected=[VERTEBRAE[i] for i in np.flatnonzero(suspected[1:])],
+        patient_overall_suspected=bool(suspected[0]),
+        thresholds=thresholds,
+        thresholds_from=thresholds_from,
         checkpoint_step=int(step),
         workdir=os.path.abspath(workdir),
         num_slices=int(series.hu.shape[0]),
@@ -113,9 +147,10 @@ def predict_study(
         seconds=round(time.perf_counter() - start, 3),
         timings_s=timings,
         picture=os.path.abspath(stem + ".png"),
+        json=os.path.abspath(stem + ".json"),
     )
     with open(stem + ".json", "w") as f:
-        json.dump(record, f, indent=2)
+        json.dump(record, f, indent=2, allow_nan=False)
     return record
 
 
@@ -130,14 +165,15 @@ def main(argv: Sequence[str]) -> int:
         )
         return 2
     if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only folders at WARNING
-    try:
-        record = predict_study(argv[1], flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
-    except (dicom.DicomError, FileNotFoundError) as e:
-        print(f"predict: error: {e}", file=sys.stderr)
-        return 1
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every file it touches at INFO
+    # A bad study, run or thresholds file: one line from `cli.run`.
+    record = predict_study(argv[1], flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)
     probs = "  ".join(f"{name} {record[name]:.3f}" for name in LABEL_COLUMNS)
     print(f"{record['StudyInstanceUID']}: {probs}  ({record['seconds']:.1f} s)")
+    suspected = ", ".join(record["suspected"]) or "none"
+    print(f"suspected levels: {suspected}; decision thresholds: {record['thresholds_from']}")
+    print(f"wrote {record['json']}")
+    print(f"wrote {record['picture']}")
     return 0
 
 
@@ -150,7 +186,7 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from cspine_jax import cli
 
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main, "predict")

@@ -7,13 +7,16 @@ K-slice stacks scaled to [0, 1] (`pipeline.slice_inputs`), so a saliency value i
 |d study logit / d input| per unit of that [0, 1] scale (0: the window's floor, 1: its
 ceiling), summed over the windows.
 
-Which levels are explained is the triage decision (`suspected_levels`): the vertebrae with
-p > `SUSPECT_THRESHOLD`, else the most likely one. Only the single model has the per-slice
+Which levels are explained is the triage decision (`suspected_levels`): the vertebrae whose
+probability reaches the run's decision threshold (`SUSPECT_THRESHOLD` for a run without
+saved thresholds), else the most likely one. Only the single model has the per-slice
 logits this needs (`evaluation.StudyPredictor`); the two-stage baseline scores vertebra
 stacks and has no slice logits to differentiate.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,18 +25,20 @@ from flax import nnx
 
 from cspine_jax import evaluation
 from cspine_jax.data import pipeline
+from cspine_jax.data.rsna import VERTEBRAE
 from cspine_jax.systems import StudyPrediction
 
-SUSPECT_THRESHOLD = 0.5  # a level with a higher probability is reported as suspected
+SUSPECT_THRESHOLD = 0.5  # the decision threshold of a run that saved none
 
 
-def suspected_levels(probs: np.ndarray) -> np.ndarray:
-    """(7,) float32 weights of C1..C7: 1 where p > 0.5, else 1 for the most likely level only.
+def suspected_levels(probs: np.ndarray, thresholds: Mapping[str, float]) -> np.ndarray:
+    """(7,) float32 weights of C1..C7 the heat map explains: 1 for each level whose
+    probability reaches its decision threshold, else 1 for the most likely level only.
 
-    probs: (8,) `[patient_overall, C1..C7]`.
+    probs: (8,) `[patient_overall, C1..C7]`; thresholds: label -> threshold (the run's).
     """
     vertebrae = np.asarray(probs)[1:]
-    levels = (vertebrae > SUSPECT_THRESHOLD).astype(np.float32)
+    levels = (vertebrae >= np.array([thresholds[v] for v in VERTEBRAE])).astype(np.float32)
     if not levels.any():
         levels[np.argmax(vertebrae)] = 1.0
     return levels

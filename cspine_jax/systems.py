@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -64,6 +65,34 @@ class System:
     train_and_evaluate: Callable[..., dict[str, float]]
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the `--config.` field."""
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for values no run can start with, before anything is written:
+    an unknown family, a training section with no steps or an empty batch, a data folder
+    that does not exist."""
+    if config.model.family not in _FAMILIES:
+        raise ConfigError(
+            f"--config.model.family={config.model.family!r}: one of {sorted(_FAMILIES)}"
+        )
+    sections = {name: config[name].optim for name in ("stage1", "stage2") if name in config}
+    sections = sections or {"": config.optim}
+    for name, optim in sections.items():
+        prefix = f"--config.{name + '.' if name else ''}optim"
+        for field in ("steps", "batch_size", "grad_accum"):
+            if int(optim[field]) < 1:
+                raise ConfigError(f"{prefix}.{field}={optim[field]}: must be at least 1")
+        if optim.batch_size % optim.grad_accum:
+            raise ConfigError(
+                f"{prefix}.batch_size={optim.batch_size} does not split into "
+                f"{prefix}.grad_accum={optim.grad_accum} micro-batches"
+            )
+    if config.data.dir and not os.path.isdir(config.data.dir):
+        raise ConfigError(f"--config.data.dir={config.data.dir}: no such folder")
+
+
 # config.model.family -> the module whose SYSTEM describes it.
 _FAMILIES = {"single": "cspine_jax.trainer", "two_stage": "cspine_jax.baseline.trainer"}
 
@@ -72,5 +101,5 @@ def get(config: ml_collections.ConfigDict) -> System:
     """The System of `config.model.family`."""
     family = config.model.family
     if family not in _FAMILIES:
-        raise ValueError(f"model.family {family!r}: one of {sorted(_FAMILIES)}")
+        raise ConfigError(f"model.family {family!r}: one of {sorted(_FAMILIES)}")
     return importlib.import_module(_FAMILIES[family]).SYSTEM

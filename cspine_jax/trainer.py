@@ -17,7 +17,6 @@ family's module declares its `systems.System`; this one's is `SYSTEM` at the bot
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -178,14 +177,14 @@ class Run:
     chief: bool
 
 
-def start_run(config: ml_collections.ConfigDict, workdir: str, batch_sizes: Sequence[int]) -> Run:
-    """Distributed set-up (before anything touches the JAX backend), the workdir and the
-    data-parallel mesh; every global batch size must split evenly over the devices."""
+def start_run(config: ml_collections.ConfigDict, batch_sizes: Sequence[int]) -> Run:
+    """Distributed set-up (before anything touches the JAX backend) and the data-parallel
+    mesh; every global batch size must split evenly over the devices. Writes nothing: the
+    workdir appears with the first checkpoint, once the input has been read."""
     initialize_distributed(config)
-    os.makedirs(workdir, exist_ok=True)
     for batch_size in batch_sizes:
         if batch_size % jax.device_count():
-            raise ValueError(
+            raise systems.ConfigError(
                 f"batch_size {batch_size} not divisible by {jax.device_count()} devices"
             )
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
@@ -360,8 +359,7 @@ def finish_run(
     if run.chief:
         results = evaluation.evaluate_run(workdir, progress=progress, writer=writer)
         step = int(results["step"])
-        with open(os.path.join(workdir, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        evaluation.write_metrics(os.path.join(workdir, "metrics.json"), results)
         for k, v in results.items():
             if np.isfinite(v):
                 writer.add_scalar(f"final/{k}", v, step)
@@ -380,7 +378,7 @@ def train_and_evaluate(
     every held-out study. Returns the held-out metrics (also in `workdir/metrics.json`)."""
     # Distributed set-up and mesh: one data-parallel axis over every device of every process.
     global_batch = config.optim.batch_size
-    run = start_run(config, workdir, [global_batch])
+    run = start_run(config, [global_batch])
     num_processes = jax.process_count()
 
     # Input: the prepared cache, split into training and held-out studies.

@@ -17,7 +17,7 @@ Views carry their extent in mm and the patient directions (DICOM LPS) at their e
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -28,7 +28,6 @@ from cspine_jax import visualize
 from cspine_jax.data import dicom, preprocess
 from cspine_jax.data.rsna import LABEL_COLUMNS, VERTEBRAE
 from cspine_jax.models.heads import label_grid
-from cspine_jax.saliency import SUSPECT_THRESHOLD
 
 _SLAB_MM = 15.0  # half-thickness of the heat map's maximum projection around each view plane
 _HEAT_SMOOTH_MM = 2.0  # raw input gradients are speckled at the pixel scale; fractures are not
@@ -268,6 +267,7 @@ def study_figure(
     planes: dict[str, int | bool],
     spacing: Sequence[float],
     footnote: str,
+    thresholds: Mapping[str, float],
 ) -> Figure:
     """The triage picture: sagittal, curved coronal and axial views side by side, in mm.
 
@@ -279,6 +279,7 @@ def study_figure(
       planes: plane positions from `study_views` (source voxel indices).
       spacing: (dz, dy, dx) mm of the source CT.
       footnote: run details for the bottom line.
+      thresholds: label -> decision threshold (the run's), for the verdict.
     """
     dz, dy, dx = spacing
     boxes = [v.body_box_mm() for v in views]
@@ -341,9 +342,10 @@ def study_figure(
         )
 
     suspected = [VERTEBRAE[i] for i in np.flatnonzero(levels)]
-    if (probs[1:] > SUSPECT_THRESHOLD).any():
+    cut = np.array([thresholds[name] for name in LABEL_COLUMNS])
+    if (probs[1:] >= cut[1:]).any():
         verdict, colour = f"FRACTURE SUSPECTED at {', '.join(suspected)}", "#ff5050"
-    elif probs[0] > SUSPECT_THRESHOLD:
+    elif probs[0] >= cut[0]:
         verdict, colour = (
             f"FRACTURE SUSPECTED, level uncertain (most likely {suspected[0]})",
             "#ff5050",
@@ -351,7 +353,7 @@ def study_figure(
     else:
         verdict, colour = (
             (
-                f"no fracture suspected (all p <= {SUSPECT_THRESHOLD}); "
+                "no fracture suspected (every p below its decision threshold); "
                 f"heat map for the most likely level, {suspected[0]}"
             ),
             "#80e080",

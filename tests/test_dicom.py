@@ -384,3 +384,198 @@ def test_series_rejects_inconsistent_shapes():
             series.orientation,
             series.slice_numbers[:-1],
         )
+
+
+def _rename_all(folder, name_of):
+    """Renames every `<n>.dcm` in `folder` to name_of(n, k), k its index in n order."""
+    paths = sorted(Path(folder).glob("*.dcm"), key=lambda p: int(p.stem))
+    for k, path in enumerate(paths):
+        path.rename(Path(folder) / name_of(int(path.stem), k))
+
+
+def assert_same_series(loaded, expected):
+    assert loaded.uid == expected.uid
+    np.testing.assert_array_equal(loaded.hu, expected.hu)
+    np.testing.assert_array_equal(loaded.positions, expected.positions)
+    np.testing.assert_array_equal(loaded.orientation, expected.orientation)
+    assert loaded.spacing == expected.spacing
+
+
+# UID names whose last component is unrelated to the slice: read as a number, it would
+# give the wrong slice_numbers.
+_UID_TAILS = np.random.default_rng(1).permutation(np.arange(500, 512))
+
+PACS_NAMES = {
+    # IM1, IM2...: numbered in listing order, not by InstanceNumber.
+    "IM": lambda n, k: f"IM{k + 1}",
+    "uid": lambda n, k: f"1.2.840.113619.2.55.3.{_UID_TAILS[k]}",
+    "bare-integer": lambda n, k: f"{n:04d}",
+}
+
+
+@pytest.mark.parametrize("style", list(PACS_NAMES))
+def test_pacs_file_names_load_like_the_original(tmp_path, style):
+    series = make_series("shuffled")
+    write_series(tmp_path / "orig", series)
+    original = load_series(tmp_path / "orig")
+    shutil.copytree(tmp_path / "orig", tmp_path / style)
+    _rename_all(tmp_path / style, PACS_NAMES[style])
+    assert not list((tmp_path / style).glob("*.dcm"))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_series(tmp_path / style)
+
+    assert_same_series(loaded, original)
+    # IM and UID names carry no slice number: InstanceNumber, which write_series sets to the
+    # original file number; bare integers are the number (0007 -> 7).
+    np.testing.assert_array_equal(loaded.slice_numbers, original.slice_numbers)
+    np.testing.assert_array_equal(loaded.slice_numbers, series.slice_numbers)
+
+
+def test_numbered_names_with_and_without_extension_mix(tmp_path):
+    series = make_series("shuffled")
+    write_series(tmp_path, series)
+    instance = pydicom.dcmread(tmp_path / "3.dcm")
+    instance.InstanceNumber = 99  # the name wins over InstanceNumber for numbered files
+    instance.save_as(tmp_path / "3.dcm")
+    _rename_all(tmp_path, lambda n, k: f"{n}" if n % 2 else f"{n}.dcm")
+    np.testing.assert_array_equal(load_series(tmp_path).slice_numbers, series.slice_numbers)
+
+
+def test_names_numbering_two_files_alike_fall_back_to_instance_number(tmp_path):
+    series = make_series("shuffled")
+    write_series(tmp_path, series)
+    (tmp_path / "1.dcm").rename(tmp_path / "0001")  # 0001 and 1.dcm would both be 1
+    (tmp_path / "2.dcm").rename(tmp_path / "1.dcm")
+    edited = pydicom.dcmread(tmp_path / "1.dcm")
+    assert edited.InstanceNumber == 2
+    np.testing.assert_array_equal(load_series(tmp_path).slice_numbers, series.slice_numbers)
+
+
+def test_files_are_dicom_by_content_not_name(tmp_path):
+    series = make_series("reverse")
+    write_series(tmp_path / "orig", series)
+    original = load_series(tmp_path / "orig")
+    shutil.copytree(tmp_path / "orig", tmp_path / "study")
+    study = tmp_path / "study"
+    _rename_all(study, PACS_NAMES["IM"])
+    (study / "notes.txt").write_text("radiologist's notes")
+    (study / "junk.dcm").write_bytes(b"this is not DICOM" * 20)
+    (study / "README").write_text("exported from PACS")
+
+    with pytest.warns(UserWarning) as record:
+        loaded = load_series(study)
+
+    messages = [str(w.message) for w in record]
+    assert messages == [f"{study}: ignoring non-DICOM files ['README', 'junk.dcm', 'notes.txt']"]
+    assert_same_series(loaded, original)
+    np.testing.assert_array_equal(loaded.slice_numbers, series.slice_numbers)
+
+
+def _headerless(path, **changes):
+    """Rewrites `path` as its bare dataset: no preamble, no "DICM", no file meta group."""
+    ds = pydicom.dcmread(path, force=True)
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.preamble = None
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    data = path.read_bytes()
+    assert data[:2] == b"\x08\x00" and data[128:132] != b"DICM"  # group 0008 first
+
+
+def test_headerless_datasets_are_dicom_when_they_hold_an_image(tmp_path):
+    series = make_series("shuffled")
+    write_series(tmp_path / "orig", series)
+    original = load_series(tmp_path / "orig")
+    shutil.copytree(tmp_path / "orig", tmp_path / "study")
+    study = tmp_path / "study"
+    for path in study.glob("*.dcm"):
+        _headerless(path)
+    _rename_all(study, PACS_NAMES["uid"])
+    # Starts like a dataset (group 0008) but is none; and a dataset that is no image.
+    (study / "tagged").write_bytes(b"\x08\x00\x05\x00" + b"not a dataset at all" * 20)
+    shutil.copy(next(study.iterdir()), study / "bare")
+    _headerless(study / "bare", SOPClassUID=None, PixelData=None)
+
+    with pytest.warns(UserWarning) as record:
+        loaded = load_series(study)
+
+    # Only the skip: what pydicom made of the garbage is no concern of a skipped file.
+    messages = [str(w.message) for w in record]
+    assert messages == [f"{study}: ignoring non-DICOM files ['bare', 'tagged']"]
+
+    assert_same_series(loaded, original)
+    np.testing.assert_array_equal(loaded.slice_numbers, series.slice_numbers)
+
+
+def test_headerless_image_without_pixels_is_an_error(tmp_path):
+    write_series(tmp_path, make_series())
+    _headerless(tmp_path / "4.dcm", PixelData=None)
+    with pytest.raises(DicomError, match="no pixel data") as err:
+        load_series(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / '4.dcm'}: ")
+
+
+def test_dicomdir_is_skipped_without_a_warning(tmp_path):
+    write_series(tmp_path / "orig", make_series())
+    original = load_series(tmp_path / "orig")
+    shutil.copytree(tmp_path / "orig", tmp_path / "study")
+    shutil.copy(get_testdata_file("DICOMDIR"), tmp_path / "study" / "DICOMDIR")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_series(tmp_path / "study")
+    assert_same_series(loaded, original)
+
+    # A CD export: DICOMDIR at the top, the images in a folder below.
+    (tmp_path / "cd").mkdir()
+    shutil.copy(get_testdata_file("DICOMDIR"), tmp_path / "cd" / "DICOMDIR")
+    shutil.copytree(tmp_path / "orig", tmp_path / "cd" / "DICOM")
+    with pytest.raises(DicomError, match="1 sub-folder .*e.g. .*cd/DICOM$"):
+        load_series(tmp_path / "cd")
+
+
+def test_folder_of_studies_hints_at_one_study(tmp_path):
+    parent = tmp_path / "train_images"
+    write_series(parent / "1.2.826.0.1.3680043.8.498.1", make_series())
+    write_series(parent / "1.2.826.0.1.3680043.8.498.2", make_series())
+    (parent / ".ipynb_checkpoints").mkdir()  # hidden: neither counted nor suggested
+
+    with pytest.raises(DicomError) as err:
+        load_series(parent)
+
+    message = str(err.value)
+    assert message == (
+        f"{parent}: no DICOM files here, but 2 sub-folders (one study each?): pass one "
+        f"study's folder, e.g. {parent / '1.2.826.0.1.3680043.8.498.1'}"
+    )
+    assert "\n" not in message
+    # Without sub-folders there is nothing to suggest.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DicomError, match=r"no DICOM files$"):
+        load_series(tmp_path / "empty")
+
+
+def test_each_slice_is_parsed_once_and_other_files_not_at_all(tmp_path, monkeypatch):
+    series = make_series()
+    write_series(tmp_path, series)
+    _rename_all(tmp_path, PACS_NAMES["uid"])
+    slices = sorted(p.name for p in tmp_path.iterdir())
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "junk.dcm").write_bytes(b"\0" * 4096)  # an empty preamble, no DICM
+    (tmp_path / "scan.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+    parsed = []
+    dcmread = pydicom.dcmread
+
+    def counting(fp, *args, **kwargs):
+        parsed.append(Path(getattr(fp, "name", fp)).name)
+        return dcmread(fp, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    with pytest.warns(UserWarning, match=r"\['junk.dcm', 'notes.txt', 'scan.png'\]"):
+        load_series(tmp_path)
+    assert parsed == slices

@@ -28,7 +28,7 @@ DATA = {
 def entries(tmp_path_factory):
     """Eight studies whose slice z holds the value 10 * z + window everywhere."""
     root = str(tmp_path_factory.mktemp("cache"))
-    cache.open_cache(root, {"grid": GRID})
+    cache.open_cache(root, {"grid": GRID}, root)
     rng = np.random.default_rng(0)
     for i in range(8):
         z = 9 + i
@@ -51,7 +51,7 @@ def textured(tmp_path_factory):
     8-19, scattered fracture pixels), so that any flip or misplaced slice shows; studies 1, 3
     and 5 have no mask."""
     root = str(tmp_path_factory.mktemp("textured"))
-    cache.open_cache(root, {"grid": GRID})
+    cache.open_cache(root, {"grid": GRID}, root)
     rng = np.random.default_rng(1)
     for i in range(6):
         z = 9 + i

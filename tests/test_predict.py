@@ -87,6 +87,11 @@ def _predict_into(env, study, workdir, out):
     folder, series = study
     result = _predict(env, folder, f"--workdir={workdir}", f"--out={out}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # After the result line, the decision and the paths written.
+    lines = result.stdout.strip().splitlines()
+    assert lines[-4].startswith(f"{series.uid}: patient_overall "), result.stdout
+    assert lines[-3].startswith("suspected levels: "), result.stdout
+    assert lines[-2:] == [f"wrote {out / series.uid}.json", f"wrote {out / series.uid}.png"]
     with open(out / f"{series.uid}.json") as f:
         return json.load(f)
 
@@ -133,12 +138,16 @@ def _written(record) -> np.ndarray:
 
 @pytest.mark.slow
 def test_cli_probabilities_are_the_whole_study_predictors(predicted, tiny_run, tiny_study):
-    """The trained run: the JSON's probabilities are evaluation's on the same study."""
+    """The trained run: the JSON's probabilities are evaluation's on the same study, its
+    decisions by the thresholds the run saved when it finished."""
     _, record = predicted
     expected, _ = _study_predictor_probs(tiny_run, tiny_study[0])
     np.testing.assert_allclose(_written(record), expected, rtol=0, atol=1e-5)
-    suspected = np.flatnonzero(expected[1:] > saliency.SUSPECT_THRESHOLD)
-    assert record["suspected"] == [VERTEBRAE[i] for i in suspected]
+    saved = evaluation.read_run_thresholds(tiny_run)
+    assert record["thresholds"] == saved.thresholds
+    assert record["thresholds_from"] == os.path.join(tiny_run, "metrics.json")
+    t = np.array([saved.thresholds[name] for name in LABEL_COLUMNS])
+    assert record["suspected"] == [VERTEBRAE[i] for i in np.flatnonzero(expected[1:] >= t[1:])]
 
 
 @pytest.mark.slow
@@ -158,6 +167,32 @@ def test_cli_probabilities_tell_studies_and_levels_apart(env, tiny_study, tmp_pa
     assert np.abs(upside_down - expected).max() > 1e-3
     gaps = np.abs(expected[:, None] - expected[None, :]) + np.eye(len(expected))
     assert gaps.min() > 1e-4, expected
+    # A run without metrics.json (not finished) has no thresholds: 0.5, and the JSON says so.
+    assert record["thresholds"] == dict.fromkeys(LABEL_COLUMNS, saliency.SUSPECT_THRESHOLD)
+    assert "fallback 0.5" in record["thresholds_from"] and "not found" in record["thresholds_from"]
+    suspected = np.flatnonzero(expected[1:] >= saliency.SUSPECT_THRESHOLD)
+    assert record["suspected"] == [VERTEBRAE[i] for i in suspected]
+
+
+@pytest.mark.slow
+def test_cli_decides_by_the_runs_saved_thresholds(env, tiny_study, tmp_path):
+    """Each level is suspected where its probability reaches the threshold the run saved for
+    it: thresholds just below C2's and C5's probabilities, just above the others'."""
+    folder, _ = tiny_study
+    workdir = tmp_path / "run"
+    save_random_heads_run(str(workdir))
+    expected, _ = _study_predictor_probs(str(workdir), folder)
+    chosen = {
+        name: float(p / 2 if name in ("patient_overall", "C2", "C5") else (1 + p) / 2)
+        for name, p in zip(LABEL_COLUMNS, expected, strict=True)
+    }
+    with open(workdir / "metrics.json", "w") as f:
+        json.dump({"step": 2, "threshold": chosen["patient_overall"], "thresholds": chosen}, f)
+    out = tmp_path / "out"
+    record = _predict_into(env, tiny_study, workdir, out)
+    assert record["thresholds"] == chosen
+    assert record["thresholds_from"] == str(workdir / "metrics.json")
+    assert record["suspected"] == ["C2", "C5"] and record["patient_overall_suspected"] is True
 
 
 @pytest.mark.slow

@@ -94,7 +94,7 @@ def _random_studies(root, studies):
     positive) in `studies`."""
     data = tiny.get_config().data
     grid, windows = data.grid, len(data.windows)
-    cache.open_cache(root, {"grid": grid})
+    cache.open_cache(root, {"grid": grid}, root)
     rng = np.random.default_rng(0)
     for i, (masked, boxed, positive) in enumerate(studies):
         z = 12 + i

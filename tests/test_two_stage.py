@@ -381,7 +381,7 @@ def test_evaluate_path_scores_a_two_stage_checkpoint(run):
     }
     assert set(values) == single_keys
     with open(os.path.join(workdir, "eval", "metrics.json")) as f:
-        assert json.load(f) == pytest.approx(values, nan_ok=True)
+        assert evaluation.metrics_from_json(json.load(f)) == pytest.approx(values, nan_ok=True)
     _, held_out = sources.split_entries(
         cache.read_entries(sources.prepared_cache(config.data, progress=False)),
         config.data,

@@ -128,7 +128,6 @@ def train_and_evaluate(
     # Distributed set-up, mesh and input: as the single model's.
     run = trainer.start_run(
         config,
-        os.path.join(workdir, "stage1"),
         [config.stage1.optim.batch_size, config.stage2.optim.batch_size],
     )
     num_processes = jax.process_count()

@@ -85,24 +85,46 @@ def _write_json(path: str, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def open_cache(cache_dir: str, params: Mapping[str, Any]) -> None:
-    """Creates the cache folder or checks that it was prepared with the same `params`.
+def open_cache(
+    cache_dir: str,
+    params: Mapping[str, Any],
+    source: str,
+    *,
+    out_flag: str = "--out",
+    data_flag: str = "--data",
+) -> None:
+    """Creates the cache folder, or checks that it was prepared from the same `source` folder
+    with the same `params`; a mismatch names the flags (`out_flag`, `data_flag`) to change.
 
     Also removes temporary folders that an interrupted run left behind.
     """
-    studies = os.path.join(cache_dir, "studies")
-    os.makedirs(studies, exist_ok=True)
+    source = os.path.abspath(source)
     manifest_path = os.path.join(cache_dir, "manifest.json")
-    manifest = {"format_version": FORMAT_VERSION, "params": json.loads(json.dumps(params))}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "params": json.loads(json.dumps(params)),
+        "source": source,
+    }
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
             found = json.load(f)
-        if found != manifest:
+        expected = {k: manifest[k] for k in ("format_version", "params")}
+        if {k: found.get(k) for k in expected} != expected:
             raise CacheError(
-                f"{cache_dir}: prepared with {found}, not {manifest}; use another --out"
+                f"{cache_dir}: prepared with {found.get('params')} (format "
+                f"{found.get('format_version')}), not {params}; prepare with the same --config "
+                f"as training, or use another {out_flag}"
+            )
+        if found.get("source", source) != source:
+            raise CacheError(
+                f"{cache_dir}: prepared from {found['source']}, not {source}; pass "
+                f"{data_flag}={found['source']} to use it, or another {out_flag}"
             )
     else:
+        os.makedirs(cache_dir, exist_ok=True)
         _write_json(manifest_path, manifest)
+    studies = os.path.join(cache_dir, "studies")
+    os.makedirs(studies, exist_ok=True)
     for name in os.listdir(studies):
         if name.startswith(_TMP_PREFIX):
             shutil.rmtree(os.path.join(studies, name), ignore_errors=True)

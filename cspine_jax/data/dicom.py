@@ -1,10 +1,12 @@
 """DICOM CT series: read an RSNA study folder into a Hounsfield volume (or hand its slices one
 by one to a consumer that resamples them as they are decoded), and write one back.
 
-A study folder holds one axial CT series as `<n>.dcm` files, one slice per file. The file
-number `n` is what the RSNA bounding-box CSV calls `slice_number`; it says nothing about
-anatomy (some studies are numbered from the feet up), so slices are ordered by geometry:
-ImagePositionPatient projected on the slice normal, most superior first.
+A study folder holds one axial CT series, one slice per DICOM file. Files are recognised by
+their content, not their name: RSNA names them `<n>.dcm`, PACS exports `IM0001`, `1.2.840...`
+or anything else (see `_read_dicom`). The number `n` of a file named `<n>.dcm` (or `<n>`) is
+what the RSNA bounding-box CSV calls `slice_number`; other names fall back to InstanceNumber.
+It says nothing about anatomy (some studies are numbered from the feet up), so slices are
+ordered by geometry: ImagePositionPatient projected on the slice normal, most superior first.
 
 Coordinates are DICOM patient coordinates (LPS, mm: x to the patient's left, y posterior,
 z superior). Volumes are (z, y, x): axis 0 slices, axis 1 image rows, axis 2 image columns.
@@ -16,6 +18,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import struct
 import warnings
 from collections.abc import Callable
@@ -34,10 +37,12 @@ from pydicom.uid import (
     UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
+    MediaStorageDirectoryStorage,
     RLELossless,
     generate_uid,
 )
@@ -60,6 +65,19 @@ _ORTHONORMAL_ATOL = 1e-3
 _TEXT_NUMBERS = frozenset({"DS", "IS"})
 _BINARY = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}  # struct codes
 _PIXEL_DATA = 0x7FE00010
+_SOP_CLASS_UID = 0x00080016
+_DIRECTORY_RECORDS = 0x00041220  # DirectoryRecordSequence: the body of a DICOMDIR
+
+# A DICOM file (PS3.10) opens with a 128-byte preamble and the magic "DICM".
+_PREAMBLE, _MAGIC = 128, b"DICM"
+# A dataset written without that header starts with its lowest group: File Meta (0002) or,
+# for an image, Identifying (0008: SpecificCharacterSet, ImageType, SOPClassUID...). Any other
+# start is not worth a parse: pydicom's forced read turns any bytes into some dataset.
+_HEADERLESS_GROUPS = frozenset({0x0002, 0x0008})
+# A file named by its slice number, `12` or `12.dcm`: ASCII digits only (str.isdigit takes
+# "²", which int() refuses), so `1.2.840.113619.2.55.3.12` is a UID, never a number; 18 digits
+# at most so that any match fits int64.
+_NUMBERED = re.compile(r"([0-9]{1,18})(?:\.dcm)?", re.IGNORECASE)
 # Keyword -> tag, looked up once rather than per element read.
 _tag = functools.cache(Tag)
 
@@ -91,7 +109,8 @@ class SeriesHeader:
       positions: (z, 3) float64 ImagePositionPatient (LPS mm) of each slice, in axis-0 order.
       orientation: (6,) float64 ImageOrientationPatient: row direction (the direction of
         increasing x index), then column direction (increasing y index).
-      slice_numbers: (z,) int64 file number n of `n.dcm` for each slice, in axis-0 order.
+      slice_numbers: (z,) int64 slice number of each slice, in axis-0 order: n of files named
+        `<n>.dcm` or `<n>`, else InstanceNumber (see `_slice_numbers`).
     """
 
     uid: str
@@ -336,10 +355,73 @@ def _check_image(ds: Dataset, path: Path, rows: float, cols: float) -> None:
         raise DicomError(path, f"unusable RescaleSlope {slope} / RescaleIntercept {intercept}")
 
 
+def _read_dicom(path: Path) -> Dataset | None:
+    """The file's dataset, or None when the file is not DICOM.
+
+    A file is DICOM when it has the 128-byte preamble followed by "DICM" (PS3.10), or when,
+    without them, it starts with an element of group 0002 or 0008 and pydicom's forced read
+    gives a dataset holding SOPClassUID or PixelData, as every image has (ACR-NEMA style
+    exports and some PACS write the bare dataset). The first 132 bytes decide which, so a
+    non-DICOM file costs one short read and no parse. Text never passes: its first two bytes
+    are printable, never the group 0002 or 0008 of a tag.
+
+    Raises:
+      DicomError: a file with the DICOM header that pydicom cannot parse. A headerless file
+        that cannot be parsed is not DICOM (None): only the parse said it might be.
+    """
+    with open(path, "rb") as fp:
+        head = fp.read(_PREAMBLE + len(_MAGIC))
+        fp.seek(0)
+        if head[_PREAMBLE:] == _MAGIC:
+            try:
+                return pydicom.dcmread(fp)
+            except InvalidDicomError:
+                return None
+            except Exception as e:  # any parse failure is reported with its file
+                raise DicomError(path, f"unreadable DICOM file ({type(e).__name__}: {e})") from e
+        if len(head) < 4 or int.from_bytes(head[:2], "little") not in _HEADERLESS_GROUPS:
+            return None
+        # pydicom warns about what it makes of garbage (an "encoding" of random text, say):
+        # held back until the dataset proves to be DICOM, else they would blame a file that
+        # is skipped as not DICOM.
+        with warnings.catch_warnings(record=True) as parse_warnings:
+            warnings.simplefilter("always")
+            try:
+                ds = pydicom.dcmread(fp, force=True)
+            except Exception:  # garbage that only looked like a tag
+                return None
+    if _SOP_CLASS_UID not in ds and _PIXEL_DATA not in ds:
+        return None
+    for w in parse_warnings:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    meta = ds.file_meta
+    if "TransferSyntaxUID" not in meta:
+        # pydicom decodes pixels by the transfer syntax only; without a meta group the
+        # encoding the parse found is the syntax (bare datasets cannot be encapsulated).
+        # Big endian is out: its first tag would read as group 0800 above.
+        implicit, little = ds.original_encoding
+        if little:
+            meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    return ds
+
+
+def _is_directory(ds: Dataset) -> bool:
+    """A DICOMDIR: the index a CD or PACS export puts beside (or above) its images."""
+    meta = getattr(ds, "file_meta", None) or {}
+    return (
+        meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage
+        or _DIRECTORY_RECORDS in ds
+    )
+
+
 def _read_datasets(
     folder: Path, per_slice: Callable[[StoredSlice], _T]
 ) -> tuple[dict[Path, Dataset], list[_T]]:
-    """Parse every `*.dcm` file in `folder` once, decoding its pixels as it is read.
+    """Parse every DICOM file in `folder` once, decoding its pixels as it is read.
+
+    Which files are DICOM is decided by content (`_read_dicom`), whatever their names. A
+    DICOMDIR is skipped without a word: it indexes the images and holds none. Other files are
+    skipped with one warning naming them all.
 
     Each file's slice goes to `per_slice` straight away and the dataset drops its pixel bytes
     then, so unless `per_slice` keeps them one file's bytes are alive at a time: holding them
@@ -348,24 +430,29 @@ def _read_datasets(
 
     Returns:
       The header datasets by path (sorted by name), and `per_slice` of each, in that order.
+
+    Raises:
+      DicomError: as `read_series` for a file; for the folder, no DICOM files (naming a
+        sub-folder to pass instead where it has some: a dataset root or `train_images/`
+        given for one study).
     """
-    datasets, results, ignored = {}, [], []
+    datasets, results, ignored, subfolders = {}, [], [], []
     first = None  # (path, [rows, columns]) of the first DICOM file
     # scandir: the listing says which entries are files, without a stat call per file.
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_dir():
+            if not entry.name.startswith("."):  # .git, .ipynb_checkpoints: not studies
+                subfolders.append(entry.name)
+            continue
         if not entry.is_file():
             continue
         path = Path(entry.path)
-        if path.suffix.lower() != ".dcm":
+        ds = _read_dicom(path)
+        if ds is None:
             ignored.append(path.name)
             continue
-        try:
-            ds = pydicom.dcmread(path)
-        except InvalidDicomError:
-            ignored.append(path.name)
+        if _is_directory(ds):
             continue
-        except Exception as e:  # any parse failure is reported with its file
-            raise DicomError(path, f"unreadable DICOM file ({type(e).__name__}: {e})") from e
         # Per-file checks first: a truncated header parses as a partial dataset, and "no
         # pixel data" names the culprit where a series UID comparison would not.
         if _PIXEL_DATA not in ds:
@@ -387,22 +474,36 @@ def _read_datasets(
         results.append(per_slice(_decode(ds, path, int(size[0]), int(size[1]))))
         del ds[_PIXEL_DATA]
         datasets[path] = ds
+    if not datasets and subfolders:  # the hint alone: files beside the studies are no news
+        n = len(subfolders)
+        raise DicomError(
+            folder,
+            f"no DICOM files here, but {n} sub-folder{'s' * (n > 1)} (one study each?): "
+            f"pass one study's folder, e.g. {folder / subfolders[0]}",
+        )
     if ignored:
         warnings.warn(f"{folder}: ignoring non-DICOM files {ignored}", stacklevel=3)
     if not datasets:
-        raise DicomError(folder, "no DICOM files (*.dcm)")
+        raise DicomError(folder, "no DICOM files")
     return datasets, results
 
 
 def _slice_numbers(datasets: dict[Path, Dataset]) -> np.ndarray:
-    """The n of each n.dcm, or InstanceNumber when the files are not named by number."""
-    if all(p.stem.isdigit() for p in datasets):
-        return np.array([int(p.stem) for p in datasets], np.int64)
+    """Each file's slice number: n when every file is named `<n>.dcm` or `<n>` (the RSNA
+    layout, where the bounding boxes use n), else InstanceNumber.
+
+    Names that number two files alike (`1.dcm` and `01.dcm`) say nothing: InstanceNumber then.
+    """
+    named = [_NUMBERED.fullmatch(p.name) for p in datasets]
+    if all(named):
+        numbers = [int(m[1]) for m in named]
+        if len(set(numbers)) == len(numbers):
+            return np.array(numbers, np.int64)
     numbers = {}
     for path, ds in datasets.items():
         number = _optional_number(ds, "InstanceNumber", None, path)
         if number is None:
-            raise DicomError(path, "file not named <n>.dcm and no InstanceNumber")
+            raise DicomError(path, "file not named by its slice number and no InstanceNumber")
         if number in numbers:  # the bounding boxes would not know which slice they mean
             raise DicomError(path, f"InstanceNumber {number:g} also in {numbers[number].name}")
         numbers[number] = path
@@ -423,18 +524,20 @@ def _check_same(paths: list[Path], values: np.ndarray, what: str, same) -> None:
 def read_series(
     folder: str | os.PathLike, per_slice: Callable[[StoredSlice], _T]
 ) -> tuple[SeriesHeader, list[_T]]:
-    """Read one CT series from a folder of `<n>.dcm` files, handing each slice to `per_slice`.
+    """Read one CT series from a folder of DICOM files, handing each slice to `per_slice`.
 
     Each file is read from disk once, and its pixels decoded (any transfer syntax pydicom and
     its plugins decode) and passed to `per_slice` as it is read, in file name order; then the
     headers are validated and the slices sorted by position along the slice normal, most
-    superior first. Other files are skipped with a warning.
+    superior first. Files are DICOM by content, whatever their names (`_read_dicom`); a
+    DICOMDIR is skipped, other files with a warning.
 
     Returns:
       (header, results): `per_slice` of every slice, in the header's (superior-first) order.
 
     Raises:
-      DicomError: no DICOM files, several series or studies, missing or non-finite
+      DicomError: no DICOM files (with a hint where the folder holds sub-folders: one
+        study's folder is wanted), several series or studies, missing or non-finite
         geometry, non-positive pixel spacing, cosines that are not an orthonormal frame,
         inconsistent orientation / pixel spacing / matrix size, duplicate positions,
         irregular slice gaps, a slice off the stack's line, fewer than two slices, missing
@@ -611,7 +714,7 @@ def _stored_pixels(ds: Dataset, path: Path, rows: int, cols: int) -> np.ndarray:
 
 
 def load_series(folder: str | os.PathLike) -> Series:
-    """Read one CT series from a folder of `<n>.dcm` files into a Series (HU, most superior first).
+    """Read one CT series from a folder of DICOM files into a Series (HU, most superior first).
 
     `read_series`, then every slice rescaled into the output volume as HU = stored *
     RescaleSlope + RescaleIntercept (missing tags: 1 and 0).

@@ -93,6 +93,8 @@ def prepare_dataset(
     shard: int = 0,
     num_shards: int = 1,
     progress: bool = True,
+    out_flag: str = "--out",
+    data_flag: str = "--data",
 ) -> Summary:
     """Prepares every study of `data_dir` in this shard that the cache lacks.
 
@@ -103,12 +105,14 @@ def prepare_dataset(
       workers: processes; default os.cpu_count(). 0 or 1 runs in this process.
       shard, num_shards: this machine's share of the sorted studies.
       progress: show a progress bar.
+      out_flag, data_flag: the caller's flags for the cache and the data folder, named by the
+        error when the cache was prepared from another folder or with other params.
     """
     if not 0 <= shard < num_shards:
         raise ValueError(f"--shard {shard} not in [0, {num_shards})")
     start = time.perf_counter()
     studies = rsna.load_index(data_dir)[shard::num_shards]
-    cache.open_cache(cache_dir, params)
+    cache.open_cache(cache_dir, params, data_dir, out_flag=out_flag, data_flag=data_flag)
     todo = [s for s in studies if not cache.has_entry(cache_dir, s.uid)]
     skipped = [s.uid for s in studies if cache.has_entry(cache_dir, s.uid)]
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -164,6 +168,7 @@ def main(argv: Sequence[str]) -> int:
         num_shards=flags.FLAGS.num_shards,
     )
     print("\n".join(summary.lines()))
+    print(f"cache: {os.path.abspath(flags.FLAGS.out)}")
     all_failed = summary.failed and not (summary.prepared or summary.skipped)
     return 1 if all_failed else 0
 
@@ -184,7 +189,7 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from cspine_jax import cli
 
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main, "prepare")

@@ -46,7 +46,8 @@ class Study:
 
     Attributes:
       uid: StudyInstanceUID (also the image folder's name).
-      image_dir: folder of its `<n>.dcm` files.
+      image_dir: folder of its DICOM files (`<n>.dcm` in the RSNA data; any names where a
+        PACS exported them: `dicom` recognises the files by content).
       mask_path: its vertebra segmentation NIfTI, or None.
       labels: (8,) float32 targets `[patient_overall, C1..C7]`, or None for test studies.
       boxes: (n, 5) float32 rows `[slice_number, x, y, width, height]` in pixels of the
@@ -98,6 +99,8 @@ def load_index(data_dir: str, *, require_images: bool = True) -> list[Study]:
     labels, a patient_overall that disagrees with C1..C7, non-finite or negative box values,
     or (with `require_images`) a study without an image folder.
     """
+    if not os.path.isdir(data_dir):
+        raise DatasetError(f"{data_dir}: no such folder")
     train_csv = os.path.join(data_dir, "train.csv")
     test_csv = os.path.join(data_dir, "test.csv")
     labels: dict[str, np.ndarray | None] = {}

@@ -55,7 +55,14 @@ def prepared_cache(data_config: Mapping[str, Any], *, progress: bool = True) -> 
     params = prepare.preprocessing_params(data_config)
     key = _digest([os.path.abspath(data_dir), params, cache.FORMAT_VERSION])
     cache_dir = data_config["cache_dir"] or os.path.join(cache_root(), f"prepared-{key}")
-    summary = prepare.prepare_dataset(data_dir, cache_dir, params, progress=progress)
+    summary = prepare.prepare_dataset(
+        data_dir,
+        cache_dir,
+        params,
+        progress=progress,
+        out_flag="--config.data.cache_dir",
+        data_flag="--config.data.dir",
+    )
     if summary.prepared or summary.failed:
         print("\n".join(summary.lines()))
     if not cache.read_entries(cache_dir):
