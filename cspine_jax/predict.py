@@ -112,7 +112,7 @@ def predict_study(
     heat = explain(prepared.image, levels, prediction)
     t = lap("saliency", t)
     views, planes = triage_figure.study_views(
-        series, prepared, prediction.segmentation, heat, levels, params["windows"]
+        series, prepared, prediction.segmentation, heat, levels, params["windows"], params["crop"]
     )
     footnote = (
         f"checkpoint step {step} of {os.path.abspath(workdir)}; "

@@ -9,8 +9,8 @@ Three grids meet here, all in voxel order (z, y, x), most superior slice first:
   segmentation   `StudyPrediction.segmentation`, (z', h, w) uint8 labels 0 (background),
                  1..7 (C1..C7) at the segmentation stride (G = factor * h).
 The CT is drawn at its own pixels; labels and heat are looked up on their grids at the source
-pixel centres, taking the grids to cover the same field of view: the whole of it (a prepared
-grid cropped to the central `crop` fraction, `config.data.crop` < 1, is not accounted for).
+pixel centres. The prepared and segmentation grids cover the central `crop` fraction of the
+source's field of view (`config.data.crop`): outside it there are no labels and no heat.
 Views carry their extent in mm and the patient directions (DICOM LPS) at their edges.
 """
 
@@ -37,14 +37,34 @@ _HEAT_CMAP = colormaps["hot"]
 _BONE_HU = 300.0  # above soft tissue and contrast-filled vessels, below most cortex
 
 
-def _to_grid(index, n_from: int, n_to: int) -> np.ndarray:
-    """Fractional index on a grid of n_from pixels -> the same point on n_to pixels (same FOV)."""
-    return (np.asarray(index, np.float64) + 0.5) * n_to / n_from - 0.5
+def _to_grid(index, n_from: int, n_to: int, crop: float = 1.0) -> np.ndarray:
+    """Fractional index on a grid of n_from pixels -> the same point on a grid of n_to pixels
+    that covers the central `crop` fraction of the first one's extent (1: the same extent;
+    1 / crop maps back from a cropped grid)."""
+    start = n_from * (1.0 - crop) / 2
+    return (np.asarray(index, np.float64) + 0.5 - start) * n_to / (n_from * crop) - 0.5
 
 
-def _cells(n_from: int, n_to: int) -> np.ndarray:
-    """(n_from,) index of the n_to-grid pixel containing each n_from-grid pixel centre."""
-    return np.floor((np.arange(n_from) + 0.5) * n_to / n_from).astype(np.int64).clip(0, n_to - 1)
+def _cells(n_from: int, n_to: int, crop: float) -> np.ndarray:
+    """(n_from,) index of the n_to-grid pixel (covering the central `crop` of the n_from
+    grid's extent) containing each n_from-grid pixel centre, shifted by one for a border of
+    background around the n_to grid (`_with_border`): 0 and n_to + 1 lie outside it."""
+    cell = np.floor(_to_grid(np.arange(n_from), n_from, n_to, crop) + 0.5).astype(np.int64)
+    return np.clip(cell + 1, 0, n_to + 1)
+
+
+def _with_border(labels: np.ndarray) -> np.ndarray:
+    """(z', h, w) labels -> (z', h + 2, w + 2) with background around: what `_cells` indexes."""
+    return np.pad(labels, ((0, 0), (1, 1), (1, 1)))
+
+
+def _sample(plane: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """`plane` (a, b) interpolated linearly at fractional (rows, cols): edge values up to half a
+    pixel beyond the grid (its outer pixels' own extent), 0 farther out (outside the crop)."""
+    a, b = plane.shape
+    inside = (rows >= -0.5) & (rows <= a - 0.5) & (cols >= -0.5) & (cols <= b - 0.5)
+    values = ndimage.map_coordinates(plane, [rows, cols], order=1, mode="nearest")
+    return np.where(inside, values, 0.0)
 
 
 def spine_course(mask: np.ndarray, spacing_z: float) -> np.ndarray | None:
@@ -117,6 +137,7 @@ def study_views(
     saliency: np.ndarray,
     levels: np.ndarray,
     windows: Sequence[Sequence[float]],
+    crop: float,
 ) -> tuple[list[View], dict[str, int | bool]]:
     """Sagittal, curved coronal and axial views through the predicted spine.
 
@@ -130,6 +151,7 @@ def study_views(
     model) the planes follow the bone (> 300 HU) instead.
 
     windows: the run's HU windows; the one with the highest centre is the bone window.
+    crop: the run's `data.crop`, the central fraction of the field of view on its grid.
     """
     hu = series.hu
     z_src, h_src, w_src = hu.shape
@@ -156,15 +178,16 @@ def study_views(
     # Source slice i lies at prepared index i * dz / spacing_z (both start at the top slice).
     z_at_src = np.arange(z_src) * dz / spacing_z
     z_cell = np.clip(np.rint(z_at_src), 0, z_p - 1).astype(np.int64)
-    rows_cell, cols_cell = _cells(h_src, h_seg), _cells(w_src, w_seg)
+    rows_cell, cols_cell = _cells(h_src, h_seg, crop), _cells(w_src, w_seg, crop)
+    bordered = _with_border(segmentation)
 
     def gray(hu_plane: np.ndarray) -> np.ndarray:
         return preprocess.window(hu_plane, [bone_window])[..., 0] / 255.0
 
     def project(heat_2d: np.ndarray, across: np.ndarray, n_src: int) -> np.ndarray:
         """(z', G) heat on the prepared grid -> (z_src, n_src) at the source pixel centres."""
-        zz, aa = np.meshgrid(z_at_src, _to_grid(across, n_src, grid), indexing="ij")
-        return ndimage.map_coordinates(heat_2d, [zz, aa], order=1, mode="nearest")
+        zz, aa = np.meshgrid(z_at_src, _to_grid(across, n_src, grid, crop), indexing="ij")
+        return _sample(heat_2d, zz, aa)
 
     letters_row = _direction_letter(series.orientation[:3])  # increasing column index
     letters_col = _direction_letter(series.orientation[3:])  # increasing row index
@@ -173,13 +196,13 @@ def study_views(
 
     # Sagittal: the column through the labels' centroid.
     col_seg = float(np.mean(course[:, 1]))
-    x_src = int(np.clip(np.rint(_to_grid(col_seg, w_seg, w_src)), 0, w_src - 1))
-    x_p = _to_grid(x_src, w_src, grid)
+    x_src = int(np.clip(np.rint(_to_grid(col_seg, w_seg, w_src, 1 / crop)), 0, w_src - 1))
+    x_p = _to_grid(x_src, w_src, grid, crop)
     slab = np.abs(np.arange(grid) - x_p) <= max(_SLAB_MM / dx_p, 0.5)
     sagittal = View(
         "sagittal",
         gray(hu[:, :, x_src]),
-        segmentation[np.ix_(z_cell, rows_cell, [cols_cell[x_src]])][..., 0],
+        bordered[np.ix_(z_cell, rows_cell, [cols_cell[x_src]])][..., 0],
         project(heat[:, :, slab].max(axis=2), np.arange(h_src), h_src),
         z_src * dz,
         h_src * dy,
@@ -189,7 +212,9 @@ def study_views(
     # Curved coronal: per source slice, the row on the spine's course.
     row_p = _to_grid(course[:, 0], h_seg, grid)  # (z',) prepared rows
     rows_src = np.clip(
-        np.rint(_to_grid(np.interp(z_at_src, np.arange(z_p), course[:, 0]), h_seg, h_src)),
+        np.rint(
+            _to_grid(np.interp(z_at_src, np.arange(z_p), course[:, 0]), h_seg, h_src, 1 / crop)
+        ),
         0,
         h_src - 1,
     ).astype(np.int64)
@@ -198,7 +223,7 @@ def study_views(
     coronal = View(
         "coronal (curved)",
         gray(hu[np.arange(z_src), rows_src]),
-        segmentation[z_cell, rows_cell[rows_src]][:, cols_cell],
+        bordered[z_cell, rows_cell[rows_src]][:, cols_cell],
         project(coronal_heat, np.arange(w_src), w_src),
         z_src * dz,
         w_src * dx,
@@ -216,15 +241,15 @@ def study_views(
     )
     i_src = int(np.clip(np.rint(j_peak * spacing_z / dz), 0, z_src - 1))
     yy, xx = np.meshgrid(
-        _to_grid(np.arange(h_src), h_src, grid),
-        _to_grid(np.arange(w_src), w_src, grid),
+        _to_grid(np.arange(h_src), h_src, grid, crop),
+        _to_grid(np.arange(w_src), w_src, grid, crop),
         indexing="ij",
     )
     axial = View(
         "axial",
         gray(hu[i_src]),
-        segmentation[j_peak][np.ix_(rows_cell, cols_cell)],
-        ndimage.map_coordinates(heat[j_peak], [yy, xx], order=1, mode="nearest"),
+        bordered[j_peak][np.ix_(rows_cell, cols_cell)],
+        _sample(heat[j_peak], yy, xx),
         h_src * dy,
         w_src * dx,
         (opposite[letters_row], letters_row, opposite[letters_col], letters_col),

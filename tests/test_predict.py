@@ -270,6 +270,46 @@ def test_spine_course_follows_the_labels():
     assert triage_figure.spine_course(np.zeros_like(mask), 2.0) is None
 
 
+@pytest.mark.parametrize("crop", [1.0, 0.5])
+def test_views_put_labels_and_heat_where_the_cropped_grid_saw_them(crop):
+    """A label cell and a heat peak of the model's grid land on the source pixels that grid
+    cell covers, for a grid of the whole field of view and of its central half."""
+    z, n, grid, h = 4, 40, 20, 10  # source 40 px; prepared 20 px; segmentation 10 px
+    hu = np.full((z, n, n), 400.0, np.float32)  # bone everywhere: every view has a body
+    series = dicom.Series(
+        "1.2.3",
+        hu,
+        (2.0, 1.0, 1.0),
+        np.array([[0.0, 0.0, -2.0 * k] for k in range(z)]),
+        (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        np.arange(1, z + 1),
+    )
+    image = np.full((z, grid, grid, 1), 200, np.uint8)
+    prepared = preprocess.Prepared(
+        image, None, np.zeros((z, grid, grid), np.uint8), (2.0, n * crop / grid, n * crop / grid)
+    )
+    segmentation = np.zeros((z, h, h), np.uint8)
+    segmentation[:, 5, 5] = 3  # prepared pixels 10..11, i.e. source 20 + 2 * (0..1) * crop
+    heat = np.zeros((z, grid, grid), np.float32)
+    heat[:, 10, 10] = 1.0
+    levels = np.zeros(7, np.float32)
+    levels[2] = 1.0
+    views, _ = triage_figure.study_views(
+        series, prepared, segmentation, heat, levels, [(400.0, 1800.0)], crop
+    )
+    axial = next(v for v in views if v.name == "axial")
+    # Source pixels whose centre falls in segmentation cell 5 of a grid covering `crop` of
+    # the field of view: [n(1 - crop)/2 + 5 * n * crop / h, ... + n * crop / h).
+    start, size = n * (1 - crop) / 2 + 5 * n * crop / h, n * crop / h
+    inside = (np.arange(n) + 0.5 >= start) & (np.arange(n) + 0.5 < start + size)
+    np.testing.assert_array_equal(axial.labels == 3, np.outer(inside, inside))
+    assert (axial.labels[~np.outer(inside, inside)] == 0).all()
+    peak = np.unravel_index(np.argmax(axial.heat), axial.heat.shape)
+    assert inside[peak[0]] and inside[peak[1]]  # the heat sits on the labelled cell
+    if crop < 1:  # beyond the grid's field of view: no heat at all
+        assert axial.heat[0, 0] == 0 and axial.heat[-1, -1] == 0
+
+
 def test_report_figures_render(tmp_path):
     import matplotlib.pyplot as plt
     from tensorboardX import SummaryWriter
