@@ -191,10 +191,7 @@ def metrics_json(
             continue
         out[key] = None if key in reasons else int(v) if _is_count(key) else float(v)
         if key == "threshold":
-            out["thresholds"] = {
-                "patient_overall": float(v),
-                **{n: float(values.get(f"threshold_{n}", v)) for n in rsna.VERTEBRAE},
-            }
+            out["thresholds"] = metrics.thresholds_of(values)
             out["thresholds_from"] = thresholds_from
             out["threshold_fallbacks"] = dict(threshold_fallbacks or {})
     out["undefined"] = reasons
@@ -244,6 +241,13 @@ class RunThresholds:
     path: str
     step: int | None
     fallbacks: dict[str, str]
+
+    def source(self, step: int) -> str:
+        """Where the thresholds come from, for a prediction by checkpoint `step`: the file,
+        and the step they were chosen for where that is another."""
+        if self.step is None or self.step == step:
+            return self.path
+        return f"{self.path} (chosen for checkpoint step {self.step})"
 
 
 def read_run_thresholds(workdir: str) -> RunThresholds | None:
@@ -362,9 +366,8 @@ def evaluate_run(
                 f"({os.path.join(os.path.abspath(workdir), 'metrics.json')})"
             )
         else:
-            thresholds, thresholds_from, fallbacks = saved.thresholds, saved.path, saved.fallbacks
-            if saved.step is not None and saved.step != step:
-                thresholds_from += f" (chosen for checkpoint step {saved.step})"
+            thresholds, thresholds_from = saved.thresholds, saved.source(step)
+            fallbacks = saved.fallbacks
     name = "eval" if data_dir is None else f"eval-{os.path.basename(os.path.abspath(data_dir))}"
     out_dir = os.path.abspath(out_dir or os.path.join(workdir, name))
     os.makedirs(out_dir, exist_ok=True)

@@ -196,14 +196,6 @@ def undefined_reasons(values: Mapping[str, float]) -> dict[str, str]:
     return out
 
 
-def youden_threshold(y_true: np.ndarray, y_prob: np.ndarray) -> float:
-    """The patient_overall threshold maximising sensitivity + specificity (Youden's J);
-    `FALLBACK_THRESHOLD` where patient_overall has one class only."""
-    y, p = np.asarray(y_true)[:, 0], np.asarray(y_prob)[:, 0]
-    t = youden(y, p)
-    return FALLBACK_THRESHOLD if t is None else t
-
-
 def label_confusion(true: np.ndarray, pred: np.ndarray, num_classes: int = 8) -> np.ndarray:
     """(num_classes, num_classes) int64 voxel counts, rows = true label, columns = predicted."""
     index = np.asarray(true, np.int64).ravel() * num_classes + np.asarray(pred, np.int64).ravel()

@@ -65,10 +65,7 @@ def decision_thresholds(workdir: str, step: int) -> tuple[dict[str, float], str]
         return dict.fromkeys(LABEL_COLUMNS, SUSPECT_THRESHOLD), (
             f"fallback {SUSPECT_THRESHOLD}: {path} not found (the run has not finished)"
         )
-    source = saved.path
-    if saved.step is not None and saved.step != step:
-        source += f" (chosen for checkpoint step {saved.step})"
-    return saved.thresholds, source
+    return saved.thresholds, saved.source(step)
 
 
 def predict_study(

@@ -69,7 +69,7 @@ def test_auc_is_undefined_for_one_class_and_youden_picks_the_gap():
     y[3:, 0] = 1
     p = np.zeros((6, 8))
     p[:, 0] = [0.1, 0.2, 0.3, 0.7, 0.8, 0.9]
-    threshold = metrics.youden_threshold(y, p)
+    threshold = metrics.decision_thresholds(y, p)["patient_overall"]
     assert 0.3 < threshold <= 0.7
 
 
@@ -100,7 +100,7 @@ def test_decision_thresholds_are_each_labels_youden():
         best, by_threshold = _youden_by_search(y[:, j], p[:, j])
         assert t in by_threshold, name  # one of the label's own predicted values
         assert by_threshold[t] == pytest.approx(best, abs=1e-12), name
-    assert thresholds["patient_overall"] == metrics.youden_threshold(y, p)
+    assert thresholds["patient_overall"] == metrics.youden(y[:, 0], p[:, 0])
     # C3's decision sits near 0.1, far from patient_overall's near 0.7.
     assert thresholds["C3"] < 0.25 and thresholds["patient_overall"] > 0.55
 
@@ -132,8 +132,8 @@ def test_one_class_labels_fall_back_and_say_why():
     fallbacks = metrics.threshold_fallbacks(positives, len(y), "the held-out fold")
     assert list(fallbacks) == ["C3"] and "only negatives on the held-out fold" in fallbacks["C3"]
     none_positive = np.zeros_like(y)
-    assert metrics.decision_thresholds(none_positive, p)["patient_overall"] == 0.5
-    assert metrics.youden_threshold(none_positive, p) == metrics.FALLBACK_THRESHOLD
+    fallback = metrics.decision_thresholds(none_positive, p)["patient_overall"]
+    assert fallback == metrics.FALLBACK_THRESHOLD == 0.5
 
     values = metrics.study_metrics(y, p, thresholds)
     assert np.isnan(values["auc_C3"]) and values["positives_C3"] == 0 and values["studies"] == 40
