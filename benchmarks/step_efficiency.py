@@ -199,7 +199,7 @@ def model_convs(config: ml_collections.ConfigDict, image_shape: tuple[int, ...])
     slices = (math.prod(image_shape[:2]), *image_shape[2:])  # the model folds S into B
     layers = []
 
-    def forward(params, image, valid):
+    def forward(params, image, valid, z):
         model = nnx.merge(graphdef, params)
         names = {
             id(node): "/".join(map(str, path))
@@ -230,12 +230,13 @@ def model_convs(config: ml_collections.ConfigDict, image_shape: tuple[int, ...])
             return conv_call(conv, x, *args, **kwargs)
 
         with mock.patch.object(nnx.Conv, "__call__", recording):
-            return model(image, valid)
+            return model(image, valid, z)
 
     jax.eval_shape(
         forward,
         params,
         jax.ShapeDtypeStruct(image_shape, jnp.float32),
+        jax.ShapeDtypeStruct(image_shape[:2], jnp.float32),
         jax.ShapeDtypeStruct(image_shape[:2], jnp.float32),
     )
     return layers

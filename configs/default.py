@@ -20,23 +20,34 @@ def get_config() -> ml_collections.ConfigDict:
         dict(num_studies=240, seed=0, size="demo", mask_fraction=0.3, box_fraction=1.0)
     )
     c.data.grid = 96  # in-plane pixels after resize (H = W)
-    c.data.crop = 0.75  # central fraction of the field of view kept: ~0.85-1.1 mm pixels
+    # What the G x G grid shows (`cspine_jax.data.preprocess`): 'spine', a region_mm square
+    # around the vertebral column found in each study (no labels needed), at region_mm / grid
+    # mm pixels whatever the field of view; 'centre', the central `crop` fraction of the field
+    # of view (what runs before the spine region were trained on). 100 mm holds C1-C7 with its
+    # processes (up to ~94 mm wide on the phantoms, C1's transverse processes) at ~1.04 mm
+    # pixels, within the demo phantoms' 0.85-1.1 mm.
+    c.data.region = "spine"
+    c.data.region_mm = 100.0  # side of the spine region (region 'spine')
+    c.data.crop = 0.75  # central fraction of the field of view kept (region 'centre')
     c.data.spacing_z = 2.0  # mm between prepared slices
     c.data.windows = ((400.0, 1800.0), (40.0, 400.0))  # (centre, width) HU: bone, soft tissue
     c.data.context = 3  # K adjacent slices stacked as channels
-    # S slices drawn along z per training example: few slices of many studies. The fracture
-    # map learns from the variety of fractures in a step: with 2 studies x 16 slices a step it
-    # stayed at chance on its own training slices, the same slices mixed across studies reached
-    # slice AUC 0.8. Held-out patient AUC after 400 steps of 128 slices: 8 x 16: 0.40 (hard-
-    # negative map loss), 32 x 4: 0.60, 64 x 2: 0.70. With fracture_focus 1 the bag of a
-    # study with boxes always holds a slice of its fracture.
-    c.data.num_slices = 2
+    # S slices drawn along z per training example (one per equal bin, jittered): the
+    # z-context reads them as a sequence, so it needs several per study, while the fracture
+    # map learns from the variety of fractures in a step (before z-context, held-out patient
+    # AUC after 400 steps of 128 slices: 8 studies x 16 slices 0.40, 32 x 4 0.60, 64 x 2 0.70).
+    # With z-context, 16 x 8: 0.48, 32 x 4: 0.71 (benchmarks/RESULTS.md). With fracture_focus
+    # 1 the bag of a study with boxes always holds a slice of its fracture.
+    c.data.num_slices = 4
     # S of the validation that picks the best checkpoint; the final evaluation reads every slice.
     c.data.eval_slices = 16
     c.data.num_folds = 5  # stratified folds of the studies; one is held out
     c.data.fold = 0  # held-out fold
     c.data.workers = 0  # grain worker processes (0: in the main process)
     c.data.positive_oversample = 1.0  # sampling weight multiplier of positive studies
+    # ... and of studies with a segmentation: the only ones that teach the levels and the
+    # vertebrae's outlines (30 % of the phantoms, 4 % of the real training set).
+    c.data.mask_oversample = 1.0
     c.data.fracture_focus = 1.0  # chance a z bin holding boxed slices samples one of them
     # Without the in-plane warp (applied in the train step: `cspine_jax.augment`) a slice
     # classifier memorises the 192 training studies within ~300 steps and stays at chance on
@@ -52,24 +63,30 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.depths = (1, 1, 2, 2)  # residual blocks per stage
     c.model.decoder_width = 32  # widest level of the segmentation decoder
     c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators (params stay float32)
-    # Stride of each stage's first block: after the stride-2 stem, stages run at strides
-    # 4, 8, 16, 32 and the segmentation at 2.
+    # The stem (`backbone.Backbone`): 0, a 3x3 conv of stride 2; p > 0, p x p patches
+    # (space-to-depth) then a 3x3 conv. Stride of each stage's first block: after a stride-2
+    # stem, stages run at strides 4, 8, 16, 32. The segmentation is at stride 2 either way.
+    c.model.stem_patch = 0
     c.model.strides = (2, 2, 2, 2)
     c.model.norm_group_size = 16  # GroupNorm channels per group (at least one group)
-    c.model.head_hidden = 0  # slice-classifier hidden width; 0: widths[-1]
+    # z-context (`heads.ZContext`): transformer blocks along z over the slice embeddings of a
+    # study, giving each slice its levels and per-level fracture logits; 0 layers: none.
+    c.model.z_width = 64
+    c.model.z_layers = 2
+    c.model.z_heads = 4
     c.model.presence_window = 3  # side of the mean filter before the max giving presence
     c.model.pool_temperature = 1.0  # log-mean-exp temperature of the study pool
     c.model.detach_presence = True  # no gradient from the fracture losses into presence
 
     # Weights of the loss terms (`models.single.compute_loss`): the competition's weighted log
-    # loss, segmentation CE and Dice (masked studies), per-slice BCE and the fracture map's
-    # pixel BCE (studies with boxes, and negative studies).
+    # loss, segmentation CE and Dice and the slices' level BCE (masked studies), per-slice BCE
+    # and the fracture map's pixel BCE (studies with boxes, and negative studies).
     c.loss = ml_collections.ConfigDict(
-        dict(study=1.0, seg_ce=1.0, seg_dice=1.0, slice=1.0, fracture_map=1.0)
+        dict(study=1.0, seg_ce=1.0, seg_dice=1.0, level=1.0, slice=1.0, fracture_map=1.0)
     )
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.batch_size = 64  # global, studies per step
+    c.optim.batch_size = 32  # global, studies per step
     c.optim.grad_accum = 1  # micro-batches a step's gradient is averaged over
     c.optim.steps = 400  # training steps
     c.optim.lr = 2e-3  # peak AdamW learning rate, after linear warm-up, then cosine decay

@@ -9,7 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = default.get_config()
     c.data.phantom.update(num_studies=12, size="tiny", mask_fraction=0.5, box_fraction=0.5)
     c.data.grid = 32
-    c.data.crop = 1.0
+    c.data.region_mm = 120.0  # 3.75 mm pixels: the whole ~110-140 mm tiny field of view on 32
     c.data.spacing_z = 4.0
     c.data.num_slices = 6
     c.data.eval_slices = 6
@@ -17,6 +17,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.widths = (8, 16, 24, 32)
     c.model.depths = (1, 1, 1, 1)
     c.model.decoder_width = 8
+    c.model.z_width = 16
+    c.model.z_heads = 2
     c.optim.batch_size = 4
     c.optim.steps = 8
     c.optim.warmup_steps = 2

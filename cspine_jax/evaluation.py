@@ -47,9 +47,22 @@ def encode_chunks(encode, state, image: np.ndarray, chunk: int, context: int) ->
     return [np.concatenate(x) for x in zip(*parts, strict=True)]
 
 
+def pad_z(x: np.ndarray, length: int) -> np.ndarray:
+    """Zero rows appended along z (axis 0) up to `length`."""
+    return np.pad(x, [(0, length - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
 class StudyPredictor:
     """Compiled whole-study inference of the single model (process-local, any device count):
-    a `systems.Predictor`."""
+    a `systems.Predictor`.
+
+    The model's three parts run as four programs (`models.single`): the per-slice encoder
+    over chunks of `chunk` slices, z-context once over every slice, `locate` over chunks
+    again, and the pool. Between them the pixel logits wait on the host in float16
+    (z' x h x w x 9 values: 8 MB for a demo study, ~0.6 GB for 1,000 slices at h = 192).
+    z-context and the pool run on the study's length rounded up to `_Z_BUCKET`, so a handful
+    of programs serve every study.
+    """
 
     def __init__(self, model: nnx.Module, context: int, chunk: int = 32):
         graphdef, state = nnx.split(model)
@@ -57,25 +70,51 @@ class StudyPredictor:
         self.context, self.chunk = context, chunk
 
         def encode(state, images):
-            seg, slice_logits, presence, _ = nnx.merge(graphdef, state).encode_slices(images)
+            out = nnx.merge(graphdef, state).encode_slices(images)
+            pixels = jnp.concatenate([out["pixel_logits"], out["fracture_logits"][..., None]], -1)
+            return pixels.astype(jnp.float16), out["embedding"]
+
+        def z_context(state, embedding, z, valid):
+            level, fracture = nnx.merge(graphdef, state).context(
+                embedding[None], z[None], valid[None]
+            )
+            return level[0], fracture[0]
+
+        def locate(state, pixels, level, context_fracture):
+            pixels = pixels.astype(jnp.float32)
+            seg, slice_logits, presence = nnx.merge(graphdef, state).locate(
+                pixels[..., :-1], pixels[..., -1], level, context_fracture
+            )
             return jnp.argmax(seg, -1).astype(jnp.uint8), slice_logits, presence
 
         def pool(state, slice_logits, presence, valid):
             return jax.nn.sigmoid(nnx.merge(graphdef, state).pool(slice_logits, presence, valid))
 
-        self._encode, self._pool = jax.jit(encode), jax.jit(pool)
+        self.encode, self.context_fn = jax.jit(encode), jax.jit(z_context)
+        self._locate, self._pool = jax.jit(locate), jax.jit(pool)
 
     def __call__(self, image: np.ndarray) -> StudyPrediction:
         """image: (z', G, G, n_windows) uint8 prepared study -> its prediction."""
         z = image.shape[0]
-        segmentation, logits_z, presence_z = encode_chunks(
-            self._encode, self.state, image, self.chunk, self.context
-        )
+        pixels, embedding = encode_chunks(self.encode, self.state, image, self.chunk, self.context)
         length = -(-z // _Z_BUCKET) * _Z_BUCKET
-        pad = ((0, length - z), (0, 0))
         valid = (np.arange(length) < z).astype(np.float32)
+        position = np.arange(length, dtype=np.float32)
+        level, context_fracture = jax.device_get(
+            self.context_fn(self.state, pad_z(embedding, length), position, valid)
+        )
+        parts = []
+        for start in range(0, z, self.chunk):
+            rows = slice(start, start + self.chunk)
+            chunk = [pad_z(x[rows], self.chunk) for x in (pixels, level, context_fracture)]
+            out = jax.device_get(self._locate(self.state, *chunk))
+            parts.append([x[: min(self.chunk, z - start)] for x in out])
+        segmentation, logits_z, presence_z = (np.concatenate(x) for x in zip(*parts, strict=True))
         probs = self._pool(
-            self.state, np.pad(logits_z, pad)[None], np.pad(presence_z, pad)[None], valid[None]
+            self.state,
+            pad_z(logits_z, length)[None],
+            pad_z(presence_z, length)[None],
+            valid[None],
         )
         return StudyPrediction(
             probs=np.asarray(probs[0], np.float32),

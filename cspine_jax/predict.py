@@ -26,8 +26,9 @@ no checkpoint, a metrics.json without thresholds) print one line and exit with s
 JSON: probabilities and `thresholds` (label -> decision threshold) in [0, 1];
 `thresholds_from` (the run's metrics.json, or why the fallback); `suspected` (levels at or
 above their threshold), `patient_overall_suspected`; `source_spacing_mm` (dz, dy, dx) and
-`prepared_spacing_mm` (spacing_z, dy, dx) in mm, voxel order (z, y, x); `picture_planes` in
-source voxel indices; times in seconds.
+`prepared_spacing_mm` (spacing_z, dy, dx) in mm, voxel order (z, y, x); `placement`, where
+the model's grid lay on the source slices (`preprocess.Placement.to_json`: the spine found,
+in source pixels); `picture_planes` in source voxel indices; times in seconds.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def predict_study(
     heat = explain(prepared.image, levels, prediction)
     t = lap("saliency", t)
     views, planes = triage_figure.study_views(
-        series, prepared, prediction.segmentation, heat, levels, params["windows"], params["crop"]
+        series, prepared, prediction.segmentation, heat, levels, params["windows"]
     )
     footnote = (
         f"checkpoint step {step} of {os.path.abspath(workdir)}; "
@@ -140,6 +141,7 @@ def predict_study(
         source_spacing_mm=list(series.spacing),
         prepared_slices=int(prepared.image.shape[0]),
         prepared_spacing_mm=list(prepared.spacing),
+        placement=prepared.placement.to_json(),
         picture_planes=planes,
         seconds=round(time.perf_counter() - start, 3),
         timings_s=timings,

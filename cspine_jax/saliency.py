@@ -64,11 +64,11 @@ def unstack_context(grads: np.ndarray, centres: np.ndarray, context: int, out: n
 class FractureSaliency:
     """Input-gradient saliency of a study's fracture logits, in bounded memory.
 
-    Built on a StudyPredictor (whose forward pass gives the per-slice logits), plus two
-    compiled programs at fixed shapes (the last chunk is padded), so a study of any length
-    compiles them once: the gradient of the pooled study logits with respect to all
-    per-slice logits (tiny), and the input gradient of sum(g * slice_logits) for one chunk.
-    Only one chunk's activations are alive at a time.
+    Built on a StudyPredictor and the model's three parts (`models.single`): the gradient
+    runs back from the pooled study logits through the pool (whole study, tiny), `locate`
+    (chunk by chunk, from the pixel logits the predictor keeps), z-context (whole study, on
+    the slice embeddings) and the encoder (chunk by chunk), each a program compiled at fixed
+    shapes (chunks and z lengths padded), so only one chunk's activations are alive at a time.
 
     Raises:
       TypeError: `predictor` is not the single model's (e.g. a two-stage run's), so there
@@ -84,21 +84,44 @@ class FractureSaliency:
         self.predictor = predictor
         graphdef = predictor.graphdef
 
-        def logit_grad(state, slice_logits, presence, valid, levels):
+        def pool_grad(state, slice_logits, presence, valid, levels):
             model = nnx.merge(graphdef, state)
 
-            def selected(slice_logits):
+            def selected(slice_logits, presence):
                 study = model.pool(slice_logits[None], presence[None], valid[None])[0]
                 return jnp.sum(study[1:] * levels)
 
-            return jax.grad(selected)(slice_logits)
+            return jax.grad(selected, argnums=(0, 1))(slice_logits, presence)
 
-        def input_grad(state, stacks, g):
+        def locate_grad(state, pixels, level, context_fracture, g_slices, g_presence):
             model = nnx.merge(graphdef, state)
-            return jax.grad(lambda x: jnp.sum(g * model.encode_slices(x)[1]))(stacks)
 
-        self._logit_grad = jax.jit(logit_grad)
-        self._input_grad = jax.jit(input_grad)
+            def located(pixels, level, context_fracture):
+                _, slice_logits, presence = model.locate(
+                    pixels[..., :-1], pixels[..., -1], level, context_fracture
+                )
+                return slice_logits, presence
+
+            primals = (pixels.astype(jnp.float32), level, context_fracture)
+            return jax.vjp(located, *primals)[1]((g_slices, g_presence))
+
+        def context_grad(state, embedding, z, valid, g_level, g_fracture):
+            model = nnx.merge(graphdef, state)
+            _, vjp = jax.vjp(lambda e: model.context(e[None], z[None], valid[None]), embedding)
+            return vjp((g_level[None], g_fracture[None]))[0]
+
+        def input_grad(state, stacks, g_pixels, g_embedding):
+            model = nnx.merge(graphdef, state)
+
+            def encoded(x):
+                out = model.encode_slices(x)
+                return out["pixel_logits"], out["fracture_logits"], out["embedding"]
+
+            cotangents = (g_pixels[..., :-1], g_pixels[..., -1], g_embedding)
+            return jax.vjp(encoded, stacks)[1](cotangents)[0]
+
+        self._pool_grad, self._locate_grad = jax.jit(pool_grad), jax.jit(locate_grad)
+        self._context_grad, self._input_grad = jax.jit(context_grad), jax.jit(input_grad)
 
     def __call__(
         self, image: np.ndarray, levels: np.ndarray, prediction: StudyPrediction | None = None
@@ -115,22 +138,45 @@ class FractureSaliency:
         """
         p = self.predictor
         prediction = p(image) if prediction is None else prediction
-        z = image.shape[0]
-        starts = range(0, z, p.chunk)
-        pad = ((0, len(starts) * p.chunk - z), (0, 0))
-        valid = (np.arange(len(starts) * p.chunk) < z).astype(np.float32)
-        g = np.asarray(
-            self._logit_grad(
+        z, chunk = image.shape[0], p.chunk
+        starts = range(0, z, chunk)
+        length = len(starts) * chunk
+        pad = lambda x: evaluation.pad_z(x, length)  # noqa: E731
+        valid = (np.arange(length) < z).astype(np.float32)
+        position = np.arange(length, dtype=np.float32)
+        pixels, embedding = (
+            pad(x) for x in evaluation.encode_chunks(p.encode, p.state, image, chunk, p.context)
+        )
+        level, context_fracture = jax.device_get(p.context_fn(p.state, embedding, position, valid))
+        g_slices, g_presence = jax.device_get(
+            self._pool_grad(
                 p.state,
-                np.pad(prediction.slice_logits, pad),
-                np.pad(prediction.presence, pad),
+                pad(prediction.slice_logits),
+                pad(prediction.presence),
                 valid,
                 np.asarray(levels, np.float32),
             )
         )
+        g_pixels = np.zeros(pixels.shape, np.float32)
+        g_level, g_fracture = np.zeros_like(level), np.zeros_like(level)
+        for start in starts:
+            rows = slice(start, start + chunk)
+            out = self._locate_grad(
+                p.state,
+                pixels[rows],
+                level[rows],
+                context_fracture[rows],
+                g_slices[rows],
+                g_presence[rows],
+            )
+            g_pixels[rows], g_level[rows], g_fracture[rows] = jax.device_get(out)
+        g_embedding = np.asarray(
+            self._context_grad(p.state, embedding, position, valid, g_level, g_fracture)
+        )
         volume = np.zeros(image.shape, np.float32)
         for start in starts:
-            stacks, centres = pipeline.chunk_inputs(image, start, p.chunk, p.context)
-            grads = np.asarray(self._input_grad(p.state, stacks, g[start : start + p.chunk]))
+            rows = slice(start, start + chunk)
+            stacks, centres = pipeline.chunk_inputs(image, start, chunk, p.context)
+            grads = np.asarray(self._input_grad(p.state, stacks, g_pixels[rows], g_embedding[rows]))
             unstack_context(grads[: len(centres)], centres, p.context, volume)
         return np.abs(volume).sum(axis=-1)

@@ -28,8 +28,8 @@ class StudyPrediction:
       probs: (8,) float32 probabilities `[patient_overall, C1..C7]`.
       slice_logits: (z', 7) per-slice fracture logits of C1..C7; None for the two-stage
         baseline, which scores vertebra stacks, not slices.
-      presence: (z', 7) per-slice vertebra presence (two-stage baseline: the share of the
-        slice labelled as each vertebra).
+      presence: (z', 7) per-slice vertebra presence (single model: its z-context level
+        probabilities; two-stage baseline: the share of the slice labelled as each vertebra).
       segmentation: (z', h, w) uint8 predicted labels (0 bg, 1-7 C1-C7) at the seg stride.
     """
 

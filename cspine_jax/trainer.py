@@ -50,7 +50,7 @@ def make_loss_ratios(
 
     def single_model_loss(model, batch):
         batch = augment.apply_warp(batch, single.input_channels(config) - 1)
-        return single.loss_ratios(model(batch["image"], batch["valid"]), batch)
+        return single.loss_ratios(model(batch["image"], batch["valid"], batch["z"]), batch)
 
     loss_fn = loss_fn or single_model_loss
     return lambda params, batch: loss_fn(nnx.merge(graphdef, params), batch)
@@ -143,7 +143,7 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
     """(params, batch) -> study probabilities (B, 8) and predicted labels (B, S, h, w)."""
 
     def step(params, batch):
-        outputs = nnx.merge(graphdef, params)(batch["image"], batch["valid"])
+        outputs = nnx.merge(graphdef, params)(batch["image"], batch["valid"], batch["z"])
         seg = jnp.argmax(outputs["seg_logits"], -1).astype(jnp.uint8)
         return jax.nn.sigmoid(outputs["study_logits"]), seg
 

@@ -9,8 +9,9 @@ Three grids meet here, all in voxel order (z, y, x), most superior slice first:
   segmentation   `StudyPrediction.segmentation`, (z', h, w) uint8 labels 0 (background),
                  1..7 (C1..C7) at the segmentation stride (G = factor * h).
 The CT is drawn at its own pixels; labels and heat are looked up on their grids at the source
-pixel centres. The prepared and segmentation grids cover the central `crop` fraction of the
-source's field of view (`config.data.crop`): outside it there are no labels and no heat.
+pixel centres. The prepared and segmentation grids cover the square of the source slices the
+study was prepared on (`prepared.placement`: the region around the spine found in it, or the
+central crop; `preprocess.Placement`): outside it there are no labels and no heat.
 Views carry their extent in mm and the patient directions (DICOM LPS) at their edges.
 """
 
@@ -37,19 +38,18 @@ _HEAT_CMAP = colormaps["hot"]
 _BONE_HU = 300.0  # above soft tissue and contrast-filled vessels, below most cortex
 
 
-def _to_grid(index, n_from: int, n_to: int, crop: float = 1.0) -> np.ndarray:
+def _rescale(index, n_from: int, n_to: int) -> np.ndarray:
     """Fractional index on a grid of n_from pixels -> the same point on a grid of n_to pixels
-    that covers the central `crop` fraction of the first one's extent (1: the same extent;
-    1 / crop maps back from a cropped grid)."""
-    start = n_from * (1.0 - crop) / 2
-    return (np.asarray(index, np.float64) + 0.5 - start) * n_to / (n_from * crop) - 0.5
+    over the same extent."""
+    return (np.asarray(index, np.float64) + 0.5) * n_to / n_from - 0.5
 
 
-def _cells(n_from: int, n_to: int, crop: float) -> np.ndarray:
-    """(n_from,) index of the n_to-grid pixel (covering the central `crop` of the n_from
-    grid's extent) containing each n_from-grid pixel centre, shifted by one for a border of
-    background around the n_to grid (`_with_border`): 0 and n_to + 1 lie outside it."""
-    cell = np.floor(_to_grid(np.arange(n_from), n_from, n_to, crop) + 0.5).astype(np.int64)
+def _cells(placement: preprocess.Placement, axis: int, n_to: int) -> np.ndarray:
+    """(n_source,) index of the pixel of an n_to grid over the placement's square containing
+    each source pixel centre along `axis`, shifted by one for a border of background around
+    the n_to grid (`_with_border`): 0 and n_to + 1 lie outside it."""
+    source = np.arange(placement.source[axis])
+    cell = np.floor(placement.to_grid(axis, source, n_to) + 0.5).astype(np.int64)
     return np.clip(cell + 1, 0, n_to + 1)
 
 
@@ -60,7 +60,7 @@ def _with_border(labels: np.ndarray) -> np.ndarray:
 
 def _sample(plane: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """`plane` (a, b) interpolated linearly at fractional (rows, cols): edge values up to half a
-    pixel beyond the grid (its outer pixels' own extent), 0 farther out (outside the crop)."""
+    pixel beyond the grid (its outer pixels' own extent), 0 farther out (outside its square)."""
     a, b = plane.shape
     inside = (rows >= -0.5) & (rows <= a - 0.5) & (cols >= -0.5) & (cols <= b - 0.5)
     values = ndimage.map_coordinates(plane, [rows, cols], order=1, mode="nearest")
@@ -137,7 +137,6 @@ def study_views(
     saliency: np.ndarray,
     levels: np.ndarray,
     windows: Sequence[Sequence[float]],
-    crop: float,
 ) -> tuple[list[View], dict[str, int | bool]]:
     """Sagittal, curved coronal and axial views through the predicted spine.
 
@@ -150,9 +149,12 @@ def study_views(
     +-15 mm slab around each plane. Without any predicted vertebra (an untrained or failing
     model) the planes follow the bone (> 300 HU) instead.
 
+    prepared: the study on the model's grid, with its placement on the source slices.
     windows: the run's HU windows; the one with the highest centre is the bone window.
-    crop: the run's `data.crop`, the central fraction of the field of view on its grid.
     """
+    placement = prepared.placement
+    if placement is None:
+        raise ValueError("study_views needs prepared.placement (preprocess.prepare_series)")
     hu = series.hu
     z_src, h_src, w_src = hu.shape
     dz, dy, dx = series.spacing
@@ -178,15 +180,16 @@ def study_views(
     # Source slice i lies at prepared index i * dz / spacing_z (both start at the top slice).
     z_at_src = np.arange(z_src) * dz / spacing_z
     z_cell = np.clip(np.rint(z_at_src), 0, z_p - 1).astype(np.int64)
-    rows_cell, cols_cell = _cells(h_src, h_seg, crop), _cells(w_src, w_seg, crop)
+    rows_cell, cols_cell = _cells(placement, 0, h_seg), _cells(placement, 1, w_seg)
     bordered = _with_border(segmentation)
 
     def gray(hu_plane: np.ndarray) -> np.ndarray:
         return preprocess.window(hu_plane, [bone_window])[..., 0] / 255.0
 
-    def project(heat_2d: np.ndarray, across: np.ndarray, n_src: int) -> np.ndarray:
-        """(z', G) heat on the prepared grid -> (z_src, n_src) at the source pixel centres."""
-        zz, aa = np.meshgrid(z_at_src, _to_grid(across, n_src, grid, crop), indexing="ij")
+    def project(heat_2d: np.ndarray, across: np.ndarray, axis: int) -> np.ndarray:
+        """(z', G) heat on the prepared grid -> (z_src, len(across)) at the source pixel
+        centres `across` along in-plane `axis`."""
+        zz, aa = np.meshgrid(z_at_src, placement.to_grid(axis, across), indexing="ij")
         return _sample(heat_2d, zz, aa)
 
     letters_row = _direction_letter(series.orientation[:3])  # increasing column index
@@ -196,35 +199,31 @@ def study_views(
 
     # Sagittal: the column through the labels' centroid.
     col_seg = float(np.mean(course[:, 1]))
-    x_src = int(np.clip(np.rint(_to_grid(col_seg, w_seg, w_src, 1 / crop)), 0, w_src - 1))
-    x_p = _to_grid(x_src, w_src, grid, crop)
+    x_src = int(np.clip(np.rint(placement.to_source(1, col_seg, w_seg)), 0, w_src - 1))
+    x_p = placement.to_grid(1, x_src)
     slab = np.abs(np.arange(grid) - x_p) <= max(_SLAB_MM / dx_p, 0.5)
     sagittal = View(
         "sagittal",
         gray(hu[:, :, x_src]),
         bordered[np.ix_(z_cell, rows_cell, [cols_cell[x_src]])][..., 0],
-        project(heat[:, :, slab].max(axis=2), np.arange(h_src), h_src),
+        project(heat[:, :, slab].max(axis=2), np.arange(h_src), 0),
         z_src * dz,
         h_src * dy,
         (opposite[letters_col], letters_col, top, opposite[top]),
     )
 
     # Curved coronal: per source slice, the row on the spine's course.
-    row_p = _to_grid(course[:, 0], h_seg, grid)  # (z',) prepared rows
-    rows_src = np.clip(
-        np.rint(
-            _to_grid(np.interp(z_at_src, np.arange(z_p), course[:, 0]), h_seg, h_src, 1 / crop)
-        ),
-        0,
-        h_src - 1,
-    ).astype(np.int64)
+    row_p = _rescale(course[:, 0], h_seg, grid)  # (z',) prepared rows
+    row_seg_at_src = np.interp(z_at_src, np.arange(z_p), course[:, 0])
+    rows_src = np.rint(placement.to_source(0, row_seg_at_src, h_seg)).astype(np.int64)
+    rows_src = np.clip(rows_src, 0, h_src - 1)
     slab = np.abs(np.arange(grid)[None, :] - row_p[:, None]) <= max(_SLAB_MM / dy_p, 0.5)
     coronal_heat = np.where(slab[:, :, None], heat, 0.0).max(axis=1)
     coronal = View(
         "coronal (curved)",
         gray(hu[np.arange(z_src), rows_src]),
         bordered[z_cell, rows_cell[rows_src]][:, cols_cell],
-        project(coronal_heat, np.arange(w_src), w_src),
+        project(coronal_heat, np.arange(w_src), 1),
         z_src * dz,
         w_src * dx,
         (opposite[letters_row], letters_row, top, opposite[top]),
@@ -241,8 +240,8 @@ def study_views(
     )
     i_src = int(np.clip(np.rint(j_peak * spacing_z / dz), 0, z_src - 1))
     yy, xx = np.meshgrid(
-        _to_grid(np.arange(h_src), h_src, grid, crop),
-        _to_grid(np.arange(w_src), w_src, grid, crop),
+        placement.to_grid(0, np.arange(h_src)),
+        placement.to_grid(1, np.arange(w_src)),
         indexing="ij",
     )
     axial = View(

@@ -300,7 +300,10 @@ def soak_prepare(
 
 def save_random_heads_run(workdir: str, seed: int = 0) -> None:
     """Saves a tiny single-model checkpoint (step 2) into `workdir`, as the trainer saves it,
-    with its segmentation and slice output layers drawn at random (they start at zero)."""
+    with its segmentation output layer and its z-context's level and fracture read-outs drawn
+    at random (they start at zero), the fracture read-out's bias at +4: the slices' logits,
+    near the fracture map's prior logit (-4.6) otherwise, then give study probabilities
+    spread over (0, 1), which differ by study and by level by well over 1e-4."""
     import grain
     import jax
     import numpy as np
@@ -314,9 +317,15 @@ def save_random_heads_run(workdir: str, seed: int = 0) -> None:
     system = systems.get(config)
     params = jax.jit(lambda: nnx.state(system.create_model(config, config.seed)))()
     rng = np.random.default_rng(seed)
-    for layer, scale in ((params["decoder"]["out"], 0.5), (params["classifier"]["out"], 1.0)):
+    zcontext = params["zcontext"]
+    for layer, scale in (
+        (params["decoder"]["out"], 0.5),
+        (zcontext["level"], 0.5),
+        (zcontext["fracture"], 0.5),
+    ):
         kernel = layer["kernel"]
         kernel[...] = rng.normal(0.0, scale, kernel.shape).astype(np.float32)
+    zcontext["fracture"]["bias"][...] = np.full(zcontext["fracture"]["bias"].shape, 4.0, np.float32)
     data = pipeline.iterate(grain.MapDataset.range(1))  # load_model never reads it back
     with checkpoints.manager(workdir) as mngr:
         checkpoints.save(

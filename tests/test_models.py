@@ -1,5 +1,5 @@
-"""SingleModel: shapes and sizes per config, pooling invariances, chunked inference, losses,
-a short overfit and bf16 compute.
+"""SingleModel: shapes and sizes per config, z-context and pooling invariances, the level
+gate on the segmentation, chunked inference, losses, a short overfit and bf16 compute.
 
 Every jitted function is built once per module (fixtures) and called at one shape where
 possible: compilation, not compute, is what costs time on the 2-core CI machine.
@@ -30,10 +30,15 @@ def _tiny_config(dtype="float32"):
     return c
 
 
+def _positions(b, s):
+    """Slice positions 0..s-1 of b studies: (b, s) float32."""
+    return jnp.broadcast_to(jnp.arange(s, dtype=jnp.float32), (b, s))
+
+
 def _batch(config, seed=0):
     """A batch with learnable structure: slice s of a study shows vertebra s + 1 as a bright
-    square in channel s (GroupNorm would erase a plain intensity code); study 0 has a mask, a
-    fracture on C2 and boxes, study 1 has neither."""
+    square in channel s (GroupNorm would erase a plain intensity code) and sits at z = s;
+    study 0 has a mask, a fracture on C2 and boxes, study 1 has neither."""
     rng = np.random.default_rng(seed)
     c = sn.input_channels(config)
     mask = np.zeros((B, S, GRID, GRID), np.int32)
@@ -56,20 +61,45 @@ def _batch(config, seed=0):
         has_boxes=np.array([1, 0], np.float32),
         labels=labels,
         valid=np.ones((B, S), np.float32),
+        z=np.asarray(_positions(B, S)),
     )
     return jax.tree.map(jnp.asarray, batch)
 
 
+def _wake_context(model, seed=0):
+    """`model`'s z-context with random values in its zero-initialised parameters.
+
+    At initialisation the distance biases are 0 (attention ignores z) and the level and
+    fracture read-outs are 0 (every slice gets the same prior level logits whatever its
+    neighbours), so a test of how the outputs depend on z, on padding or on other slices would
+    pass vacuously. Works on a `SingleModel` or a bare `heads.ZContext`.
+    """
+    rng = np.random.default_rng(seed)
+    zcontext = getattr(model, "zcontext", model)
+    for block in zcontext.blocks:
+        block.bias[...] = jnp.asarray(rng.normal(0.0, 1.0, block.bias.shape), jnp.float32)
+    for head in (zcontext.level, zcontext.fracture):
+        head.kernel[...] = jnp.asarray(rng.normal(0.0, 0.5, head.kernel.shape), jnp.float32)
+    return model
+
+
 class _Jitted:
-    """The project's style: nnx.split once, plain jax.jit over the state."""
+    """The project's style: nnx.split once, plain jax.jit over the state.
+
+    `state` is the model as initialised; `awake` the same model with `_wake_context` applied
+    (same structure, so the same compiled programs take either).
+    """
 
     def __init__(self, config, seed=0):
         self.config = config
         self.model = sn.create_model(config, seed)
         self.graphdef, self.state = nnx.split(self.model)
+        _, self.awake = nnx.split(_wake_context(sn.create_model(config, seed), seed + 1))
         merge = lambda state: nnx.merge(self.graphdef, state)  # noqa: E731
-        self.forward = jax.jit(lambda state, image, valid: merge(state)(image, valid))
+        self.forward = jax.jit(lambda state, image, valid, z: merge(state)(image, valid, z))
         self.encode = jax.jit(lambda state, images: merge(state).encode_slices(images))
+        self.context = jax.jit(lambda state, *args: merge(state).context(*args))
+        self.locate = jax.jit(lambda state, *args: merge(state).locate(*args))
         self.pool = jax.jit(lambda state, *args: merge(state).pool(*args))
 
 
@@ -90,43 +120,62 @@ def test_output_shapes_and_param_counts(name):
     graphdef, state = nnx.split(model)
     grid, c = config.data.grid, sn.input_channels(config)
     out = jax.eval_shape(
-        lambda st, x, v: nnx.merge(graphdef, st)(x, v),
+        lambda st, x, v, z: nnx.merge(graphdef, st)(x, v, z),
         state,
         jax.ShapeDtypeStruct((B, S, grid, grid, c), jnp.float32),
         jax.ShapeDtypeStruct((B, S), jnp.float32),
+        jax.ShapeDtypeStruct((B, S), jnp.float32),
     )
     assert out["seg_logits"].shape == (B, S, grid // 2, grid // 2, 8)
+    assert out["level_logits"].shape == (B, S, 7)
+    assert out["fracture_logits"].shape == (B, S, grid // 2, grid // 2)
     assert out["slice_logits"].shape == (B, S, 7)
     assert out["presence"].shape == (B, S, 7)
     assert out["study_logits"].shape == (B, 8)
     assert all(v.dtype == jnp.float32 for v in out.values())
 
 
-def test_forward_is_finite_and_presence_is_a_probability(net):
+def test_forward_is_finite_and_presence_is_the_level_probability(net):
     batch = _batch(net.config)
-    out = net.forward(net.state, batch["image"], batch["valid"])
-    assert out["seg_logits"].shape == (B, S, GRID // 2, GRID // 2, 8)
-    assert all(bool(jnp.isfinite(v).all()) for v in out.values())
-    assert bool(((out["presence"] >= 0) & (out["presence"] <= 1)).all())
+    for state in (net.state, net.awake):
+        out = net.forward(state, batch["image"], batch["valid"], batch["z"])
+        assert out["seg_logits"].shape == (B, S, GRID // 2, GRID // 2, 8)
+        assert all(bool(jnp.isfinite(v).all()) for v in out.values())
+        assert bool(((out["presence"] >= 0) & (out["presence"] <= 1)).all())
+        np.testing.assert_allclose(
+            out["presence"], jax.nn.sigmoid(out["level_logits"]), rtol=1e-6, atol=1e-7
+        )
+    # Initialised, the levels are the prior on every slice.
+    out = net.forward(net.state, batch["image"], batch["valid"], batch["z"])
+    prior = np.log(heads.LEVEL_PRIOR / (1 - heads.LEVEL_PRIOR))
+    np.testing.assert_allclose(out["level_logits"], prior, rtol=1e-5)
 
 
-def test_study_logits_ignore_slice_order_and_padding(net):
+def test_study_logits_ignore_padding_and_permutations_of_slices_with_their_z(net):
+    """Study logits are a function of the set of (slice, z) pairs of the valid slices: the
+    same with padding rows (random images at random z) appended or interleaved, and with the
+    slices shuffled together with their positions. Shuffling the images but not their z
+    moves the slices, so it must change the result (the z-context sees distances)."""
     batch = _batch(net.config)
     rng = np.random.default_rng(1)
-    # Four real slices then two padded ones, vs the same slices shuffled with the padding
-    # (now random noise, not zeros) interleaved.
-    padded = jnp.concatenate([batch["image"], jnp.zeros_like(batch["image"][:, :2])], axis=1)
-    valid = jnp.concatenate([batch["valid"], jnp.zeros((B, 2))], axis=1)
-    order = np.array([4, 2, 0, 5, 3, 1])
-    shuffled = (
-        padded[:, order].at[:, [0, 3]].set(rng.normal(size=padded[:, :2].shape).astype(np.float32))
-    )
-    base = net.forward(net.state, padded, valid)["study_logits"]
-    moved = net.forward(net.state, shuffled, valid[:, order])["study_logits"]
-    np.testing.assert_allclose(moved, base, rtol=1e-5, atol=1e-5)
+    z = jnp.asarray([[3.0, 5.0, 6.0, 11.0], [0.0, 9.0, 2.0, 30.0]])  # any order, any gaps
+    base = net.forward(net.awake, batch["image"], batch["valid"], z)["study_logits"]
 
-    unpadded = net.forward(net.state, batch["image"], batch["valid"])["study_logits"]
-    np.testing.assert_allclose(unpadded, base, rtol=1e-5, atol=1e-5)
+    noise = jnp.asarray(rng.normal(size=batch["image"][:, :2].shape), jnp.float32)
+    padded = jnp.concatenate([batch["image"], noise], axis=1)
+    valid = jnp.concatenate([batch["valid"], jnp.zeros((B, 2))], axis=1)
+    padded_z = jnp.concatenate([z, jnp.asarray(rng.uniform(-10, 40, (B, 2)), jnp.float32)], 1)
+    order = np.array([4, 2, 0, 5, 3, 1])  # padding rows 4, 5 now interleaved
+    for image, v, zz in [
+        (padded, valid, padded_z),
+        (padded[:, order], valid[:, order], padded_z[:, order]),
+    ]:
+        moved = net.forward(net.awake, image, v, zz)["study_logits"]
+        np.testing.assert_allclose(moved, base, rtol=1e-5, atol=1e-5)
+
+    # Images shuffled, positions not: other (slice, z) pairs, other study logits.
+    swapped = net.forward(net.awake, batch["image"][:, ::-1], batch["valid"], z)["study_logits"]
+    assert float(jnp.abs(swapped - base).max()) > 1e-3
 
 
 @pytest.mark.parametrize("num_slices", [3, 300])
@@ -158,33 +207,59 @@ def test_pool_follows_presence(net):
     assert float(study[0, 0]) >= float(study[0, 1:].max())
 
 
-def test_chunked_encode_then_pool_equals_forward(net):
+def test_chunked_encode_context_over_the_study_chunked_locate_pool_equals_forward(net):
+    """Whole-study inference's order (`evaluation.StudyPredictor`): encode in chunks that cut
+    across studies, z-context once over each whole study, locate in chunks, then pool."""
     batch = _batch(net.config)
-    full = net.forward(net.state, batch["image"], batch["valid"])
+    z = batch["z"] * 2.0 + 1.0
+    full = net.forward(net.awake, batch["image"], batch["valid"], z)
     images = batch["image"].reshape(B * S, GRID, GRID, -1)
-    chunks = [net.encode(net.state, images[i : i + 2]) for i in range(0, B * S, 2)]
-    seg, slices, presence, fracture = (
-        jnp.concatenate(parts) for parts in zip(*chunks, strict=True)
-    )
+    chunks = [net.encode(net.awake, images[i : i + 3]) for i in range(0, B * S, 3)]
+    encoded = {k: jnp.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    assert encoded["embedding"].shape == (B * S, net.model.zcontext.embed.in_features)
     np.testing.assert_allclose(
-        fracture.reshape(full["fracture_logits"].shape),
+        encoded["fracture_logits"].reshape(full["fracture_logits"].shape),
         full["fracture_logits"],
         rtol=1e-4,
         atol=1e-4,
     )
+
+    level, context_fracture = net.context(
+        net.awake, encoded["embedding"].reshape(B, S, -1), z, batch["valid"]
+    )
+    np.testing.assert_allclose(level, full["level_logits"], rtol=1e-4, atol=1e-4)
+    level, context_fracture = level.reshape(B * S, 7), context_fracture.reshape(B * S, 7)
+
+    parts = [
+        net.locate(
+            net.awake,
+            encoded["pixel_logits"][i : i + 3],
+            encoded["fracture_logits"][i : i + 3],
+            level[i : i + 3],
+            context_fracture[i : i + 3],
+        )
+        for i in range(0, B * S, 3)
+    ]
+    seg, slices, presence = (jnp.concatenate(p) for p in zip(*parts, strict=True))
     np.testing.assert_allclose(
         seg.reshape(full["seg_logits"].shape), full["seg_logits"], rtol=1e-4, atol=1e-4
     )
-    study = net.pool(net.state, slices.reshape(B, S, 7), presence.reshape(B, S, 7), batch["valid"])
+    slices, presence = slices.reshape(B, S, 7), presence.reshape(B, S, 7)
+    np.testing.assert_allclose(slices, full["slice_logits"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(presence, full["presence"], rtol=1e-4, atol=1e-4)
+    study = net.pool(net.awake, slices, presence, batch["valid"])
     np.testing.assert_allclose(study, full["study_logits"], rtol=1e-4, atol=1e-4)
 
 
-def _outputs(batch, study_logits, seg_logits=None):
+def _outputs(batch, study_logits, seg_logits=None, level_logits=None):
     h = GRID // 2
     if seg_logits is None:
         seg_logits = jnp.zeros((B, S, h, h, 8))
+    if level_logits is None:
+        level_logits = jnp.zeros((B, S, 7))
     return dict(
         seg_logits=seg_logits,
+        level_logits=level_logits,
         slice_logits=jnp.zeros((B, S, 7)) - 1.0,
         presence=jnp.ones((B, S, 7)),
         fracture_logits=jnp.zeros((B, S, h, h)),
@@ -219,6 +294,7 @@ def test_segmentation_terms_need_masks_and_reward_the_true_mask():
     )
     total, terms = sn.compute_loss(_outputs(batch, zeros), unmasked, config.loss)
     assert float(terms["seg_ce"]) == 0.0 and float(terms["seg_dice"]) == 0.0
+    assert float(terms["level"]) == 0.0
     assert float(terms["slice"]) == 0.0 and float(terms["fracture_map"]) == 0.0
     assert np.isfinite(float(total))
     # A negative study has no fracture anywhere: its slices and pixels are supervised.
@@ -233,6 +309,11 @@ def test_segmentation_terms_need_masks_and_reward_the_true_mask():
     assert float(perfect["seg_ce"]) < 1e-6 and float(perfect["seg_dice"]) < 1e-6
     np.testing.assert_allclose(float(uniform["seg_ce"]), np.log(8), rtol=1e-5)
     assert float(uniform["seg_dice"]) > 0.5
+    # Level logits 0: log 2 per level; the slice's true levels at +-30: ~0.
+    np.testing.assert_allclose(float(uniform["level"]), np.log(2), rtol=1e-5)
+    levels = 60.0 * sn.level_targets(batch["mask"]) - 30.0
+    _, known = sn.compute_loss(_outputs(batch, zeros, level_logits=levels), batch, config.loss)
+    assert float(known["level"]) < 1e-6
     assert float(uniform["slice"]) > 0.0
 
 
@@ -246,6 +327,8 @@ def test_noisy_or_logit_matches_its_definition():
 
 
 def test_loss_decreases_when_overfitting_a_tiny_batch(net):
+    """40 Adam steps on one batch: the total loss to a quarter, and the level term (the
+    slowest: it waits for the embeddings to tell the slices apart) clearly down too."""
     config = net.config
     batch = _batch(config)
     graphdef, params, rest = nnx.split(net.model, nnx.Param, ...)
@@ -255,20 +338,22 @@ def test_loss_decreases_when_overfitting_a_tiny_batch(net):
     @jax.jit
     def step(params, opt_state, batch):
         def loss_fn(params):
-            outputs = nnx.merge(graphdef, params, rest)(batch["image"], batch["valid"])
+            outputs = nnx.merge(graphdef, params, rest)(batch["image"], batch["valid"], batch["z"])
             return sn.compute_loss(outputs, batch, config.loss)
 
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, loss, terms["level"]
 
-    losses = []
-    for _ in range(30):
-        params, opt_state, loss = step(params, opt_state, batch)
+    losses, levels = [], []
+    for _ in range(40):
+        params, opt_state, loss, level = step(params, opt_state, batch)
         losses.append(float(loss))
-    print("overfit losses", losses[0], losses[-1])
+        levels.append(float(level))
+    print("overfit losses", losses[0], losses[-1], "level", levels[0], levels[-1])
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.25 * losses[0]
+    assert levels[-1] < 0.75 * levels[0]
 
 
 def test_bfloat16_compute_keeps_float32_params_and_finite_outputs():
@@ -282,7 +367,7 @@ def test_bfloat16_compute_keeps_float32_params_and_finite_outputs():
     convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     assert convs and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in convs)
 
-    out = jitted.forward(jitted.state, batch["image"], batch["valid"])
+    out = jitted.forward(jitted.state, batch["image"], batch["valid"], batch["z"])
     assert all(v.dtype == jnp.float32 and bool(jnp.isfinite(v).all()) for v in out.values())
     total, terms = sn.compute_loss(out, batch, jitted.config.loss)
     assert np.isfinite(float(total)) and all(np.isfinite(float(v)) for v in terms.values())
@@ -326,3 +411,196 @@ def test_fracture_evidence_goes_to_the_vertebra_under_it():
     # Logit of the flagged share of C2's area (32 pixels + 1 in the denominator).
     np.testing.assert_allclose(logits[:, 1], [np.log(8 / 25), np.log(1 / 32)], rtol=1e-3)
     assert (np.delete(logits, 1, axis=1) < -9.0).all()
+
+
+@pytest.mark.parametrize("knots", [heads.Z_KNOTS, (-3.0, 0.0, 0.5, 7.0)])
+def test_hats_interpolate_like_np_interp(knots):
+    """sum_j hats(x)_j * values_j is np.interp(x, knots, values), constant beyond the outer
+    knots, at random points inside and outside the knots and at the knots themselves."""
+    rng = np.random.default_rng(len(knots))
+    k = np.asarray(knots)
+    values = rng.normal(size=len(k))
+    span = k[-1] - k[0]
+    x = np.concatenate(
+        [rng.uniform(k[0] - span, k[-1] + span, 300), rng.uniform(k[0], k[-1], 300), k]
+    ).astype(np.float32)
+    hats = np.asarray(heads._hats(jnp.asarray(x).reshape(1, -1), knots)).reshape(len(x), -1)
+    assert hats.shape == (len(x), len(k))
+    assert (hats >= 0).all()
+    np.testing.assert_allclose(hats.sum(-1), 1.0, atol=1e-5)
+    assert ((hats > 0).sum(-1) <= 2).all()  # at most the two knots around x
+    np.testing.assert_allclose(hats @ values, np.interp(x, k, values), rtol=1e-5, atol=1e-5)
+
+
+def _zcontext(layers, features=12, seed=0):
+    module = heads.ZContext(features, 16, layers, 2, jnp.float32, nnx.Rngs(seed))
+    return _wake_context(module, seed + 1)
+
+
+def _context_inputs(seed=0, num_slices=6, features=12):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(1, num_slices, features)), jnp.float32)
+    z = jnp.asarray(np.sort(rng.uniform(0, 40, (1, num_slices))), jnp.float32)
+    return x, z, jnp.ones((1, num_slices))
+
+
+@pytest.mark.parametrize("layers", [0, 2])
+def test_zcontext_reads_other_slices_only_with_attention(layers):
+    """Changing slice 4's embedding changes every slice's outputs with z_layers > 0, only
+    slice 4's own with z_layers = 0 (the no-context ablation)."""
+    module = _zcontext(layers)
+    x, z, valid = _context_inputs()
+    level, fracture = module(x, z, valid)
+    other = x.at[0, 4].add(1.0)
+    level2, fracture2 = module(other, z, valid)
+    assert float(jnp.abs(level2[0, 4] - level[0, 4]).max()) > 1e-3  # its own: always
+    for a, b in [(level, level2), (fracture, fracture2)]:
+        change = np.abs(np.asarray(b - a))[0].max(-1)  # (S,)
+        others = np.delete(change, 4)
+        if layers:
+            assert (others > 1e-4).all(), change
+        else:
+            np.testing.assert_array_equal(others, 0.0)
+
+
+def test_zcontext_ignores_padding_and_is_equivariant_to_moving_slices_with_their_z():
+    """Valid rows' outputs do not depend on padding rows (random content, random z, anywhere
+    in the sequence); permuting (slice, z, valid) together permutes the outputs."""
+    module = _zcontext(2)
+    x, z, valid = _context_inputs()
+    level, fracture = module(x, z, valid)
+
+    rng = np.random.default_rng(3)
+    rows = np.array([0, 6, 1, 2, 7, 3, 4, 5, 8])  # 6, 7, 8: padding
+    padded_x = jnp.concatenate([x, jnp.asarray(rng.normal(0, 5, (1, 3, 12)), jnp.float32)], 1)
+    padded_z = jnp.concatenate([z, jnp.asarray(rng.uniform(-50, 90, (1, 3)), jnp.float32)], 1)
+    padded_v = jnp.concatenate([valid, jnp.zeros((1, 3))], 1)
+    out = module(padded_x[:, rows], padded_z[:, rows], padded_v[:, rows])
+    real = np.argsort(rows)[:6]  # where rows 0..5 went
+    for got, want in zip(out, (level, fracture), strict=True):
+        np.testing.assert_allclose(got[:, real], want, rtol=1e-5, atol=1e-5)
+
+    perm = np.array([3, 0, 5, 1, 4, 2])
+    moved = module(x[:, perm], z[:, perm], valid[:, perm])
+    for got, want in zip(moved, (level, fracture), strict=True):
+        np.testing.assert_allclose(got, want[:, perm], rtol=1e-5, atol=1e-5)
+
+
+def test_zcontext_sees_relative_z_only():
+    """All z shifted by a constant: the same outputs (the bias is on distances). Distances
+    doubled: other outputs (z does matter)."""
+    module = _zcontext(2)
+    x, z, valid = _context_inputs()
+    level, fracture = module(x, z, valid)
+    for shift in (37.5, -1000.0):
+        shifted = module(x, z + shift, valid)
+        for got, want in zip(shifted, (level, fracture), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    stretched, _ = module(x, 2.0 * z, valid)
+    assert float(jnp.abs(stretched - level).max()) > 1e-3
+
+
+def test_level_targets_need_a_share_of_the_slice():
+    """C_v is on a slice from LEVEL_MIN_SHARE of its pixels: a sliver below that is not."""
+    h, w = 40, 50
+    need = int(np.ceil(sn.LEVEL_MIN_SHARE * h * w))
+    assert 1 < need < 100
+    mask = np.zeros((1, 3, h, w), np.int32)
+    mask[0, 0, :10, :10] = 2  # C2: 100 pixels
+    mask[0, 0, 20, : need - 1] = 3  # C3: a sliver just below the share
+    mask[0, 0, 30, :need] = 4  # C4: just enough
+    mask[0, 1, 5:15, 5:25] = 7  # C7 only
+    # slice 2: background only
+    got = np.asarray(sn.level_targets(jnp.asarray(mask)))
+    want = np.zeros((1, 3, 7), np.float32)
+    want[0, 0, [1, 3]] = 1.0  # C2, C4
+    want[0, 1, 6] = 1.0  # C7
+    np.testing.assert_array_equal(got, want)
+
+
+def test_level_loss_counts_the_valid_slices_of_masked_studies_only():
+    rng = np.random.default_rng(0)
+    b, s, h = 3, 4, 8
+    logits = rng.normal(0, 2, (b, s, 7)).astype(np.float32)
+    mask = rng.integers(0, 8, (b, s, h, h)).astype(np.int32)
+    mask[:, :, :4] = 0  # some levels missing from some slices
+    mask[0, 1] = 0
+    valid = np.ones((b, s), np.float32)
+    valid[0, 3] = valid[2, 2:] = 0.0
+    has_mask = np.array([1.0, 0.0, 1.0], np.float32)
+    num, den = sn.level_loss(*map(jnp.asarray, (logits, mask, valid, has_mask)))
+
+    target = np.asarray(sn.level_targets(jnp.asarray(mask)))
+    bce = np.logaddexp(0.0, logits) - logits * target  # softplus(x) - y x
+    counted = (valid * has_mask[:, None]) > 0
+    assert counted.sum() == 5
+    np.testing.assert_allclose(float(den), counted.sum())
+    np.testing.assert_allclose(float(num) / float(den), bce.mean(-1)[counted].mean(), rtol=1e-5)
+
+    # Whatever the logits of unmasked studies and padded slices: the same loss.
+    noise = np.where(counted[..., None], logits, rng.normal(0, 50, logits.shape))
+    again = sn.level_loss(*map(jnp.asarray, (noise.astype(np.float32), mask, valid, has_mask)))
+    np.testing.assert_allclose(float(again[0]), float(num), rtol=1e-6)
+
+
+def test_segmentation_is_gated_by_the_slice_level(net):
+    """seg = pixel logits + log_sigmoid(level) on C1..C7: a slice whose C3 level logit is -30
+    has no C3 pixel even where every pixel logit says C3 by up to 25 nats; with the C3 level
+    at +3, those pixels are C3."""
+    rng = np.random.default_rng(0)
+    n, h = 3, GRID // 2
+    pixels = rng.normal(0, 3, (n, h, h, 8)).astype(np.float32)
+    # Every pixel says C3, by 1 to 25 nats over the background, the runner-up.
+    pixels[..., 0] = np.delete(pixels, 3, axis=-1).max(-1)
+    pixels[..., 3] = pixels[..., 0] + rng.uniform(1, 25, (n, h, h))
+    fracture = rng.normal(0, 2, (n, h, h)).astype(np.float32)
+    level = rng.normal(0, 3, (n, 7)).astype(np.float32)
+    level[0, 2] = -30.0
+    level[1, 2] = 3.0
+    level[2] = 5.0  # every level certain: the pixel logits decide
+    context_fracture = rng.normal(size=(n, 7)).astype(np.float32)
+    seg, slice_logits, presence = net.locate(
+        net.awake, *map(jnp.asarray, (pixels, fracture, level, context_fracture))
+    )
+    labels = np.asarray(jnp.argmax(seg, -1))
+    assert not (labels[0] == 3).any()
+    assert (labels[1:] == 3).all()
+
+    gate = np.concatenate([np.zeros((n, 1)), -np.logaddexp(0.0, -level)], -1)  # log_sigmoid
+    np.testing.assert_allclose(seg, pixels + gate[:, None, None], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(presence, jax.nn.sigmoid(level), rtol=1e-6)
+    np.testing.assert_allclose(
+        slice_logits,
+        heads.fracture_evidence(seg, jnp.asarray(fracture)) + context_fracture,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_z_layers_zero_builds_no_attention():
+    config = tiny.get_config()
+    config.model.z_layers = 0
+    model = nnx.eval_shape(lambda: sn.create_model(config))
+    assert len(model.zcontext.blocks) == 0
+    assert sn.param_count(model) < sn.param_count(
+        nnx.eval_shape(lambda: sn.create_model(tiny.get_config()))
+    )
+
+
+def test_attention_keys_have_no_bias_and_query_value_biases_matter():
+    """A key bias would add the same q . b_k to every score of a query, which softmax
+    ignores: its gradient would be rounding noise, and Adam would turn it into steps that
+    differ between summation orders (sharded vs single-device steps). The query and value
+    biases do change the output."""
+    module = _zcontext(2)
+    assert all(block.key.bias is None for block in module.blocks)
+    x, z, valid = _context_inputs()
+    level, _ = module(x, z, valid)
+    rng = np.random.default_rng(5)
+    for name in ("query", "value"):
+        moved = _zcontext(2)
+        for block in moved.blocks:
+            bias = getattr(block, name).bias
+            bias[...] = bias[...] + jnp.asarray(rng.normal(0, 1, bias.shape), jnp.float32)
+        got, _ = moved(x, z, valid)
+        assert float(jnp.abs(got - level).max()) > 1e-3, name

@@ -13,6 +13,7 @@ DATA = {
     "context": CONTEXT,
     "fracture_focus": 0.0,
     "positive_oversample": 1.0,
+    "mask_oversample": 1.0,
     "augment": {
         "flip": True,
         "rotate_deg": 10.0,
@@ -87,6 +88,7 @@ def test_batch_shapes_and_dtypes(entries):
         "has_boxes": ((4,), np.float32),
         "labels": ((4, 8), np.float32),
         "valid": ((4, SLICES), np.float32),
+        "z": ((4, SLICES), np.float32),
         "warp": ((4, 4), np.float32),
         "study_index": ((4,), np.int32),
     }
@@ -118,6 +120,7 @@ def test_training_batch_is_the_cache_at_the_sampled_slices_flipped_alike(texture
             centres = np.rint(position[:, 0, 0] * (z - 1)).astype(int)
             np.testing.assert_allclose(position[:, 0, 0], centres / (z - 1), atol=1e-6)
             assert ((0 <= centres) & (centres < z)).all()
+            np.testing.assert_array_equal(batch["z"][row], centres)  # the slices' positions
 
             source = np.clip(centres[:, None] + offsets[None, :], 0, z - 1)  # (S, K)
             cached = np.asarray(entry.image())[source]  # (S, K, G, G, W)
@@ -163,6 +166,7 @@ def test_context_channels_are_neighbouring_slices(entries):
         boxed = batch["fracture"][row][centres == 3]
         assert all(m.sum() == 8 and m[4:6, 5:9].all() for m in boxed)
         np.testing.assert_allclose(batch["image"][row, :, 5, 7, -1], centres / (z - 1))
+        np.testing.assert_array_equal(batch["z"][row], centres)
     # One deterministic pass covers every study once.
     assert sorted(batch["study_index"].tolist()) == list(range(8))
 
@@ -231,3 +235,16 @@ def test_positive_oversampling(entries):
     order = pipeline.oversampled(entries, 3.0, seed=0)
     assert len(order) == len(entries) + 2 * positives
     assert pipeline.oversampled(entries, 1.0, seed=0) == list(range(len(entries)))
+
+
+def test_masked_oversampling_multiplies_with_positive(entries):
+    masked = sum(e.has_mask for e in entries)
+    both = sum(e.has_mask and e.labels[0] > 0 for e in entries)
+    positives = sum(e.labels[0] > 0 for e in entries)
+    assert 0 < masked < len(entries)
+    order = pipeline.oversampled(entries, 1.0, seed=0, masked_factor=2.0)
+    assert len(order) == len(entries) + masked
+    assert all(order.count(i) == 1 + e.has_mask for i, e in enumerate(entries))
+    # Both factors: a positive masked study is repeated 3 x 2 = 6 times.
+    order = pipeline.oversampled(entries, 3.0, seed=0, masked_factor=2.0)
+    assert len(order) == len(entries) + 2 * positives + masked + 2 * both

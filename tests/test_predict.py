@@ -246,7 +246,9 @@ def test_saliency_is_finite_nonzero_and_independent_of_the_chunk(tiny_run, tiny_
     )
     np.testing.assert_allclose(heat, whole(image, levels), rtol=1e-4, atol=1e-6 * heat.max())
     chunked(image[:-3], levels)  # another study length: no new chunk programs
-    assert chunked.predictor._encode._cache_size() == 1 and chunked._input_grad._cache_size() == 1
+    per_chunk = [chunked.predictor.encode, chunked.predictor._locate]
+    per_chunk += [chunked._locate_grad, chunked._input_grad]
+    assert [f._cache_size() for f in per_chunk] == [1, 1, 1, 1]
 
 
 def test_saliency_needs_the_single_models_slice_logits():
@@ -270,10 +272,16 @@ def test_spine_course_follows_the_labels():
     assert triage_figure.spine_course(np.zeros_like(mask), 2.0) is None
 
 
-@pytest.mark.parametrize("crop", [1.0, 0.5])
-def test_views_put_labels_and_heat_where_the_cropped_grid_saw_them(crop):
+@pytest.mark.parametrize(
+    "start, step",
+    [((0.0, 0.0), (2.0, 2.0)), ((10.0, 10.0), (1.0, 1.0)), ((-4.0, 13.0), (2.0, 1.5))],
+    ids=["whole-field-of-view", "central-half", "off-centre-past-the-edges"],
+)
+def test_views_put_labels_and_heat_where_the_grid_saw_them(start, step):
     """A label cell and a heat peak of the model's grid land on the source pixels that grid
-    cell covers, for a grid of the whole field of view and of its central half."""
+    cell covers, wherever the grid lies on the source slices (its placement): the whole field
+    of view, its central half (a crop), or a square off the centre reaching past two edges
+    (a spine region)."""
     z, n, grid, h = 4, 40, 20, 10  # source 40 px; prepared 20 px; segmentation 10 px
     hu = np.full((z, n, n), 400.0, np.float32)  # bone everywhere: every view has a body
     series = dicom.Series(
@@ -284,30 +292,37 @@ def test_views_put_labels_and_heat_where_the_cropped_grid_saw_them(crop):
         (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
         np.arange(1, z + 1),
     )
+    placement = preprocess.Placement(grid, (n, n), start, step)
     image = np.full((z, grid, grid, 1), 200, np.uint8)
     prepared = preprocess.Prepared(
-        image, None, np.zeros((z, grid, grid), np.uint8), (2.0, n * crop / grid, n * crop / grid)
+        image, None, np.zeros((z, grid, grid), np.uint8), (2.0, *step), placement
     )
     segmentation = np.zeros((z, h, h), np.uint8)
-    segmentation[:, 5, 5] = 3  # prepared pixels 10..11, i.e. source 20 + 2 * (0..1) * crop
+    segmentation[:, 5, 5] = 3  # prepared pixels 10..11
     heat = np.zeros((z, grid, grid), np.float32)
     heat[:, 10, 10] = 1.0
     levels = np.zeros(7, np.float32)
     levels[2] = 1.0
     views, _ = triage_figure.study_views(
-        series, prepared, segmentation, heat, levels, [(400.0, 1800.0)], crop
+        series, prepared, segmentation, heat, levels, [(400.0, 1800.0)]
     )
     axial = next(v for v in views if v.name == "axial")
-    # Source pixels whose centre falls in segmentation cell 5 of a grid covering `crop` of
-    # the field of view: [n(1 - crop)/2 + 5 * n * crop / h, ... + n * crop / h).
-    start, size = n * (1 - crop) / 2 + 5 * n * crop / h, n * crop / h
-    inside = (np.arange(n) + 0.5 >= start) & (np.arange(n) + 0.5 < start + size)
-    np.testing.assert_array_equal(axial.labels == 3, np.outer(inside, inside))
-    assert (axial.labels[~np.outer(inside, inside)] == 0).all()
+    # Source pixels whose centre falls in segmentation cell 5, i.e. prepared pixels 10..11:
+    # [start + 10 step, start + 12 step) along each axis.
+    centres = np.arange(n) + 0.5
+    inside = [
+        (centres >= s + 10 * d) & (centres < s + 12 * d) for s, d in zip(start, step, strict=True)
+    ]
+    cell = np.outer(*inside)
+    assert cell.any()
+    np.testing.assert_array_equal(axial.labels == 3, cell)
+    assert (axial.labels[~cell] == 0).all()
     peak = np.unravel_index(np.argmax(axial.heat), axial.heat.shape)
-    assert inside[peak[0]] and inside[peak[1]]  # the heat sits on the labelled cell
-    if crop < 1:  # beyond the grid's field of view: no heat at all
-        assert axial.heat[0, 0] == 0 and axial.heat[-1, -1] == 0
+    assert cell[peak]  # the heat sits on the labelled cell
+    # Beyond the grid's square [start, start + grid * step): no heat at all.
+    covered = [(centres >= s) & (centres <= s + grid * d) for s, d in zip(start, step, strict=True)]
+    assert (axial.heat[~np.outer(*covered)] == 0).all()
+    assert np.outer(*covered).all() == (start == (0.0, 0.0))
 
 
 def test_report_figures_render(tmp_path):

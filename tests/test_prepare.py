@@ -28,7 +28,7 @@ def test_resize_preserves_constants_and_means():
 def test_resample_hu_follows_spacing():
     z, spacing = 21, (1.0, 0.5, 0.5)
     hu = np.broadcast_to(np.arange(z, dtype=np.float32)[:, None, None] * 10, (z, 32, 32))
-    out = preprocess.resample_hu(hu, spacing, grid=8, spacing_z=2.5)
+    out, _ = preprocess.resample_hu(hu, spacing, grid=8, spacing_z=2.5)
     assert out.shape == (9, 8, 8)  # 20 mm of slices every 2.5 mm
     # Slice j lies at 2.5 j mm, i.e. source index 2.5 j; its value is kept (interior slices).
     np.testing.assert_allclose(out[1:-1, 4, 4], 25.0 * np.arange(1, 8), atol=1e-3)
@@ -59,13 +59,22 @@ def test_crop_keeps_the_centre_on_every_map():
 
 
 @pytest.mark.parametrize(
-    "grid, crop, spacing_z, unsigned",
-    [(24, 0.8, 3.0, False), (40, 1.0, 7.0, True), (96, 0.9, 4.4, False)],
-    ids=["down", "down-z-antialiased", "up"],
+    "grid, region, spacing_z, unsigned",
+    [
+        (24, {"crop": 0.8}, 3.0, False),
+        (40, {"crop": 1.0}, 7.0, True),
+        (96, {"crop": 0.9}, 4.4, False),
+        (24, {"region": "spine", "region_mm": 90.0}, 3.0, False),
+        (40, {"region": "spine", "region_mm": 150.0}, 7.0, True),  # wider than the field of view
+    ],
+    ids=["down", "down-z-antialiased", "up", "spine", "spine-past-the-field-of-view"],
 )
-def test_streaming_prepare_matches_the_full_volume_path(tmp_path, grid, crop, spacing_z, unsigned):
+def test_streaming_prepare_matches_the_full_volume_path(
+    tmp_path, grid, region, spacing_z, unsigned
+):
     """read_resampled + on_grid (slices resized as decoded, rescaled after) against the
-    straightforward path: the whole HU volume, then dense resampling matrices."""
+    straightforward path: the whole HU volume, then dense resampling matrices over the grid's
+    placement (air where it reaches past the field of view)."""
     study = next(
         s
         for s in (
@@ -83,15 +92,19 @@ def test_streaming_prepare_matches_the_full_volume_path(tmp_path, grid, crop, sp
         np.float64,
     )
     assert len(boxes)
-    params = {
-        "grid": grid,
-        "spacing_z": spacing_z,
-        "crop": crop,
-        "windows": [[400.0, 1800.0], [40.0, 400.0]],
-    }
+    windows = [[400.0, 1800.0], [40.0, 400.0]]
+    params = {"grid": grid, "spacing_z": spacing_z, **region, "windows": windows}
 
-    header, hu = preprocess.read_resampled(tmp_path, grid, spacing_z, crop)
-    fast = preprocess.on_grid(header, hu, **params, mask=study.labels_zyx, boxes=boxes)
+    header, hu, placement = preprocess.read_resampled(tmp_path, grid, spacing_z, **region)
+    fast = preprocess.on_grid(
+        header,
+        hu,
+        placement,
+        spacing_z=spacing_z,
+        windows=windows,
+        mask=study.labels_zyx,
+        boxes=boxes,
+    )
 
     series = dicom.load_series(tmp_path)
     z, h, w = series.shape
@@ -99,8 +112,21 @@ def test_streaming_prepare_matches_the_full_volume_path(tmp_path, grid, crop, sp
     rz = preprocess.interpolation_matrix(
         z, preprocess.slice_positions(z, dz, spacing_z), spacing_z / dz
     )
-    ry, rx = preprocess.resize_matrix(h, grid, crop), preprocess.resize_matrix(w, grid, crop)
+    ry, rx = (
+        preprocess.axis_matrix(n, placement.start[a], placement.step[a], grid)
+        for a, n in ((0, h), (1, w))
+    )
     dense = np.tensordot(rz, ry @ series.hu.astype(np.float64) @ rx.T, axes=1)
+    dense[:, ~placement.inside(0)] = preprocess.AIR_HU
+    dense[:, :, ~placement.inside(1)] = preprocess.AIR_HU
+    if "crop" in region:
+        assert placement == preprocess.Placement.centred(h, w, grid, region["crop"])
+        assert placement.inside(0).all() and placement.inside(1).all()
+    else:
+        assert placement.centre is not None and placement.persistence > 0.5
+        assert placement.step[0] * series.spacing[1] == pytest.approx(region["region_mm"] / grid)
+        # 150 mm: wider than the tiny phantoms' ~110-140 mm field of view.
+        assert placement.inside(0).all() == (region["region_mm"] < 100)
     np.testing.assert_allclose(hu, dense, atol=0.02)
     image = preprocess.window(dense, params["windows"])
     assert fast.image.shape == image.shape
@@ -108,6 +134,7 @@ def test_streaming_prepare_matches_the_full_volume_path(tmp_path, grid, crop, sp
     assert (fast.image == image).mean() > 0.999
 
     full = preprocess.prepare_series(series, **params, mask=study.labels_zyx, boxes=boxes)
+    assert full.placement == placement
     assert np.abs(fast.image.astype(int) - full.image).max() <= 1
     np.testing.assert_array_equal(fast.mask, full.mask)
     np.testing.assert_array_equal(fast.fracture, full.fracture)

@@ -6,7 +6,8 @@ Layout::
     CACHE/studies/<uid>/image.npy       (z', G, G, n_windows) uint8 windowed HU
     CACHE/studies/<uid>/mask.npy        (z', G, G) uint8 vertebra labels (masked studies)
     CACHE/studies/<uid>/fracture.npy    (z', G, G) uint8 1 inside fracture boxes
-    CACHE/studies/<uid>/meta.json       labels, flags, spacings
+    CACHE/studies/<uid>/meta.json       labels, flags, spacings, where the grid lies on the
+                                        source slices (`placement`)
     CACHE/failures-<shard>.json         studies that could not be prepared, with the reason
 
 No pickle anywhere: arrays load with `allow_pickle=False` and memory-map, so the input
@@ -26,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from cspine_jax.data.preprocess import Prepared
+from cspine_jax.data.preprocess import Placement, Prepared
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: meta.json records the study's placement
 _TMP_PREFIX = ".tmp-"
 
 
@@ -73,6 +74,13 @@ class Entry:
     def slice_fracture(self) -> np.ndarray:
         """(z',) float32: 1 where a fracture box touches the slice."""
         return np.asarray(self.fracture()).any(axis=(1, 2)).astype(np.float32)
+
+    def placement(self) -> Placement | None:
+        """Where the study's grid lies on its source slices (`preprocess.Placement`); None
+        for a study written without one."""
+        with open(os.path.join(self.path, "meta.json")) as f:
+            placement = json.load(f)["placement"]
+        return None if placement is None else Placement.from_json(placement)
 
 
 def _write_json(path: str, payload: Any) -> None:
@@ -170,6 +178,7 @@ def write_entry(
             "has_boxes": bool(has_boxes),
             "num_slices": int(prepared.image.shape[0]),
             "spacing": list(prepared.spacing),
+            "placement": None if prepared.placement is None else prepared.placement.to_json(),
             **extra,
         }
         with open(os.path.join(tmp, "meta.json"), "w") as f:

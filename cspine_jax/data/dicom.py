@@ -232,12 +232,16 @@ class StoredSlice:
       path: the file it came from.
       pixels: (y, x) integer stored values, read-only (it may view the file's bytes).
       slope, intercept: RescaleSlope and RescaleIntercept (1 and 0 where missing).
+      pixel_spacing: (dy, dx) mm, the file's PixelSpacing, for a reader that resamples to a
+        physical pixel size as it decodes; None where it is unusable (`read_series` then
+        rejects the series once it has read every file).
     """
 
     path: Path
     pixels: np.ndarray
     slope: float
     intercept: float
+    pixel_spacing: tuple[float, float] | None = None
 
     def rescale(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """float32 `values * slope + intercept` (HU) into `out` (may be `values` itself).
@@ -644,7 +648,20 @@ def _decode(ds: Dataset, path: Path, rows: int, cols: int) -> StoredSlice:
         _stored_pixels(ds, path, rows, cols),
         _optional_number(ds, "RescaleSlope", 1.0, path),
         _optional_number(ds, "RescaleIntercept", 0.0, path),
+        _pixel_spacing(ds, path),
     )
+
+
+def _pixel_spacing(ds: Dataset, path: Path) -> tuple[float, float] | None:
+    """PixelSpacing as (dy, dx) mm, None where unusable: `read_series` checks it after every
+    file is read, and says what is wrong in the order it checks the series."""
+    try:
+        values = _numbers(ds, "PixelSpacing", path)
+    except DicomError:
+        return None
+    if values is None or len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values):
+        return None
+    return float(values[0]), float(values[1])
 
 
 def _stored_pixels(ds: Dataset, path: Path, rows: int, cols: int) -> np.ndarray:

@@ -17,6 +17,8 @@ Example (leading batch dim B after batching):
   has_boxes:      float32 ()
   labels:         float32 (8,) [patient_overall, C1..C7] (zeros for unlabelled studies)
   valid:          float32 (S,) 1 for real slices
+  z:              float32 (S,) each slice's index in the prepared study (its z position in
+                  units of spacing_z, for the model's z-context)
   warp:           float32 (4,) in-plane warp the train step applies (`augment.apply_warp`):
                   rotation (rad), scale, shift y, x (pixels); `NO_WARP` outside training
   study_index:    int32   () the study's index in the entry list given to the dataset
@@ -184,6 +186,7 @@ class SampleStudy(grain.transforms.RandomMap):
             "has_boxes": np.float32(entry.has_boxes),
             "labels": labels.astype(np.float32),
             "valid": np.ones(self.num_slices, np.float32),
+            "z": centres.astype(np.float32),
             "warp": warp,
             "study_index": np.int32(index),
         }
@@ -193,15 +196,17 @@ def _with_index(entries: Sequence[cache.Entry]) -> list[tuple[int, cache.Entry]]
     return list(enumerate(entries))
 
 
-def oversampled(entries: Sequence[cache.Entry], factor: float, seed: int) -> list[int]:
-    """Entry indices with each positive study repeated ~`factor` times (1.0: no change)."""
+def oversampled(
+    entries: Sequence[cache.Entry], factor: float, seed: int, masked_factor: float = 1.0
+) -> list[int]:
+    """Entry indices with each positive study repeated ~`factor` times and each study with a
+    segmentation ~`masked_factor` times (both: their product; 1.0: no change)."""
     rng = np.random.default_rng(seed)
     order = []
     for i, entry in enumerate(entries):
         positive = entry.labels is not None and entry.labels[0] > 0
-        copies = 1
-        if positive and factor != 1.0:
-            copies = int(np.floor(factor)) + int(rng.random() < factor - np.floor(factor))
+        weight = (factor if positive else 1.0) * (masked_factor if entry.has_mask else 1.0)
+        copies = int(np.floor(weight)) + int(rng.random() < weight - np.floor(weight))
         order += [i] * copies
     return order
 
@@ -217,12 +222,18 @@ def train_dataset(
     sample: grain.transforms.RandomMap | None = None,
 ) -> grain.MapDataset:
     """Infinite, shuffled, augmented batches of studies (`train_stream` over the entries,
-    positive studies oversampled by `positive_oversample`).
+    positive studies oversampled by `positive_oversample`, studies with a segmentation by
+    `mask_oversample`).
 
     `sample` turns an (index, entry) into an example; default `SampleStudy` in training mode.
     """
     indexed = _with_index(entries)
-    order = oversampled(entries, float(data_config["positive_oversample"]), seed)
+    order = oversampled(
+        entries,
+        float(data_config["positive_oversample"]),
+        seed,
+        float(data_config["mask_oversample"]),
+    )
     return train_stream(
         [indexed[i] for i in order],
         sample or SampleStudy(data_config, train=True),

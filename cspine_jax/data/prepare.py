@@ -4,7 +4,10 @@
         [--shard i --num_shards n] [--config configs/default.py]
 
 Each study is decoded, aligned with its mask, resampled to the config's grid
-(`config.data.grid`, `config.data.spacing_z`) and windowed (`config.data.windows`).
+(`config.data.grid`, `config.data.spacing_z`, and the in-plane region `config.data.region`:
+a `region_mm` square around the spine found in the study, or the central `crop`; see
+`preprocess`) and windowed (`config.data.windows`). Each study's meta.json records where its
+grid lies on the source slices (`placement`, `preprocess.Placement.to_json`).
 Resumable: a rerun skips finished studies. A study that fails is reported and skipped.
 Shards split the studies (sorted by uid, study k goes to shard k % n) between machines
 that write into one shared cache.
@@ -27,13 +30,23 @@ from cspine_jax.data import cache, nifti, preprocess, rsna
 
 
 def preprocessing_params(data_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The parameters that define a cache (and the grid a model was trained on)."""
-    return {
-        "grid": int(data_config["grid"]),
-        "spacing_z": float(data_config["spacing_z"]),
-        "crop": float(data_config["crop"]),
-        "windows": [[float(c), float(w)] for c, w in data_config["windows"]],
-    }
+    """The parameters that define a cache (and the grid a model was trained on): keyword
+    arguments of `preprocess.prepare_series` (and of `read_resampled` but the windows).
+
+    The 'centre' region's are the parameters every cache had before the spine region (no
+    `region` key), so a run trained then, whose saved config has no `data.region`, still
+    prepares its grid (and finds its caches) as it did.
+    """
+    params = {"grid": int(data_config["grid"]), "spacing_z": float(data_config["spacing_z"])}
+    region = data_config["region"] if "region" in data_config else "centre"
+    if region == "spine":
+        params.update(region="spine", region_mm=float(data_config["region_mm"]))
+    elif region == "centre":
+        params.update(crop=float(data_config["crop"]))
+    else:
+        raise ValueError(f"data.region {region!r}: one of {preprocess.REGIONS}")
+    params["windows"] = [[float(c), float(w)] for c, w in data_config["windows"]]
+    return params
 
 
 def prepare_study(study: rsna.Study, cache_dir: str, params: Mapping[str, Any]) -> int:
@@ -41,11 +54,20 @@ def prepare_study(study: rsna.Study, cache_dir: str, params: Mapping[str, Any]) 
 
     Slices are resampled as they are decoded: the full-resolution HU volume is never built.
     """
-    header, hu = preprocess.read_resampled(
-        study.image_dir, params["grid"], params["spacing_z"], params["crop"]
+    in_plane = {k: params[k] for k in ("crop", "region", "region_mm") if k in params}
+    header, hu, placement = preprocess.read_resampled(
+        study.image_dir, params["grid"], params["spacing_z"], **in_plane
     )
     mask = None if study.mask_path is None else nifti.load_mask(study.mask_path, header)
-    prepared = preprocess.on_grid(header, hu, **params, mask=mask, boxes=study.boxes)
+    prepared = preprocess.on_grid(
+        header,
+        hu,
+        placement,
+        spacing_z=params["spacing_z"],
+        windows=params["windows"],
+        mask=mask,
+        boxes=study.boxes,
+    )
     extra = {"source_shape": list(header.shape), "source_spacing": list(header.spacing)}
     cache.write_entry(cache_dir, study.uid, prepared, study.labels, study.has_boxes, extra)
     return prepared.image.shape[0]

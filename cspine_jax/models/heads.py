@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cspine_jax.data.rsna import NUM_VERTEBRAE
@@ -50,13 +51,25 @@ def _upsample(x: jax.Array, factor: int) -> jax.Array:
 
 
 def _seg_prior_init(key, shape, dtype=jnp.float32):
-    """Bias of the decoder outputs: log-probabilities of the pixel class prior for the
-    NUM_CLASSES segmentation logits, then the prior logit of the fracture channel."""
+    """Bias of the decoder outputs: per output pixel (shape[0] / (NUM_CLASSES + 1) of them,
+    `depth_to_space` order), log-probabilities of the pixel class prior for the NUM_CLASSES
+    segmentation logits, then the prior logit of the fracture channel."""
     del key
     vertebra = (1.0 - BACKGROUND_PRIOR) / (NUM_CLASSES - 1)
     seg = jnp.log(jnp.full((NUM_CLASSES,), vertebra, dtype).at[0].set(BACKGROUND_PRIOR))
     fracture = math.log(FRACTURE_PIXEL_PRIOR / (1 - FRACTURE_PIXEL_PRIOR))
-    return jnp.concatenate([seg, jnp.full((shape[0] - NUM_CLASSES,), fracture, dtype)])
+    return jnp.tile(jnp.append(seg, fracture), shape[0] // (NUM_CLASSES + 1))
+
+
+def depth_to_space(x: jax.Array, factor: int) -> jax.Array:
+    """(N, h, w, f*f*C) -> (N, h*f, w*f, C): the inverse of `backbone.space_to_depth`."""
+    n, h, w, c = x.shape
+    c //= factor * factor
+    x = x.reshape(n, h, w, factor, factor, c).transpose(0, 1, 3, 2, 4, 5)
+    # W, then H: as in `space_to_depth`, a reshape merging both at once has no output
+    # sharding JAX can infer when N is sharded explicitly (the trainer's batch).
+    x = x.reshape(n, h, factor, w * factor, c)
+    return x.reshape(n, h * factor, w * factor, c)
 
 
 class SegDecoder(nnx.Module):
@@ -64,8 +77,10 @@ class SegDecoder(nnx.Module):
 
     Level widths are min(width, backbone width at that level), so the high-resolution levels,
     where almost all of the decoder's FLOPs are, stay as narrow as the encoder there.
-    features (finest first, strides `strides`) -> logits (N, h, w, NUM_CLASSES + 1) at
-    strides[0]: the segmentation classes, then the per-pixel fracture logit.
+    features (finest first, strides `strides`) -> logits (N, h, w, NUM_CLASSES + 1) at stride
+    `out_stride` (a divisor of strides[0]; the last 1x1 conv predicts the
+    strides[0] / out_stride squared sub-pixels of each pixel, `depth_to_space`): the
+    segmentation classes, then the per-pixel fracture logit.
     """
 
     def __init__(
@@ -76,8 +91,10 @@ class SegDecoder(nnx.Module):
         group_size: int,
         dtype,
         rngs: nnx.Rngs,
+        out_stride: int | None = None,
     ):
         self.factors = tuple(b // a for a, b in zip(strides[:-1], strides[1:], strict=True))
+        self.sub_pixels = strides[0] // (out_stride or strides[0])
         level = [min(width, w) for w in feature_widths]
         self.top = conv(feature_widths[-1], level[-1], 1, 1, dtype, rngs)
         # Level i merges the upsampled level i+1 with a 1x1 lateral of feature i, then a 3x3
@@ -97,7 +114,7 @@ class SegDecoder(nnx.Module):
         self.out_norm = group_norm(level[0], group_size, dtype, rngs)
         self.out = nnx.Conv(
             level[0],
-            NUM_CLASSES + 1,
+            (NUM_CLASSES + 1) * self.sub_pixels**2,
             (1, 1),
             dtype=dtype,
             param_dtype=jnp.float32,
@@ -111,7 +128,7 @@ class SegDecoder(nnx.Module):
         for i in reversed(range(len(self.convs))):
             x = _upsample(x, self.factors[i]) + self.laterals[i](features[i])
             x = self.convs[i](nnx.silu(self.norms[i](x)))
-        return self.out(nnx.silu(self.out_norm(x)))
+        return depth_to_space(self.out(nnx.silu(self.out_norm(x))), self.sub_pixels)
 
 
 def vertebra_presence(seg_logits: jax.Array, window: int) -> jax.Array:
@@ -141,21 +158,110 @@ def fracture_evidence(seg_logits: jax.Array, fracture_logits: jax.Array) -> jax.
     return jnp.log(share) - jnp.log1p(-share)
 
 
-class SliceClassifier(nnx.Module):
-    """Per-slice fracture logits for C1..C7 from the deepest feature map.
+def slice_embedding(features: jax.Array) -> jax.Array:
+    """(N, h, w, C) activated deepest features -> (N, 2C): their mean and max over the slice.
 
-    Conditioned on the slice's vertebra presence: a slice shows one or two vertebrae, and a
-    fracture feature means "C2 fractured" only if the head knows the slice is at C2.
-    (N, h, w, C), presence (N, 7) -> logits (N, 7).
+    The max keeps a small lesion's response that the mean over the whole slice dilutes."""
+    return jnp.concatenate([features.mean(axis=(1, 2)), features.max(axis=(1, 2))], axis=-1)
+
+
+# Knots (in prepared slices, signed: key minus query) of the piecewise-linear attention bias
+# over z distance; beyond the outer knots the bias is constant. Dense near 0, where the
+# neighbouring slices of the same vertebra are, sparse far away, where only which way and
+# roughly how far (a vertebra is ~8 slices of 2 mm) matter.
+Z_KNOTS = (-64.0, -32.0, -16.0, -8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+
+
+def _hats(x: jax.Array, knots: Sequence[float]) -> jax.Array:
+    """(...) -> (..., len(knots)) piecewise-linear interpolation weights of x on `knots`
+    (ascending), constant beyond the outer knots: sum_j w_j * values_j interpolates values."""
+    k = np.asarray(knots, np.float32)
+    x = jnp.clip(x, k[0], k[-1])[..., None]
+    rising = (x - k[:-1]) / (k[1:] - k[:-1])  # (..., J-1): segment j-1 -> j
+    up = jnp.concatenate([jnp.ones_like(x), rising], axis=-1)
+    down = jnp.concatenate([1.0 - rising, jnp.ones_like(x)], axis=-1)
+    return jnp.clip(jnp.minimum(up, down), 0.0, 1.0)
+
+
+class ZBlock(nnx.Module):
+    """Pre-LayerNorm transformer block along z with a learned bias on z distance.
+
+    Attention is over the valid slices of one study; the bias is a per-head piecewise-linear
+    function of the signed distance between slices (`Z_KNOTS`), so any sampling of a study
+    (S jittered slices in training, every slice at inference, any spacing) reads alike.
+    x (B, S, D), z (B, S) slice positions, valid (B, S) -> (B, S, D).
     """
 
-    def __init__(self, in_features: int, hidden: int, group_size: int, dtype, rngs: nnx.Rngs):
-        self.norm = group_norm(in_features, group_size, dtype, rngs)
-        self.features = nnx.Linear(2 * in_features, hidden, dtype=dtype, rngs=rngs)
-        self.presence = nnx.Linear(NUM_VERTEBRAE, hidden, dtype=dtype, rngs=rngs)
+    def __init__(self, width: int, heads: int, dtype, rngs: nnx.Rngs):
+        if width % heads:
+            raise ValueError(f"z-context width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.norm1 = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+        self.query = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
+        # No bias on the keys: it would add the same q . b to every score of a query, which
+        # softmax ignores, so its gradient is rounding noise that Adam turns into steps.
+        self.key = nnx.Linear(width, width, use_bias=False, dtype=dtype, rngs=rngs)
+        self.value = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
+        self.proj = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
+        self.bias = nnx.Param(jnp.zeros((heads, len(Z_KNOTS))))
+        self.norm2 = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+        self.mlp_in = nnx.Linear(width, 2 * width, dtype=dtype, rngs=rngs)
+        self.mlp_out = nnx.Linear(2 * width, width, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, z: jax.Array, valid: jax.Array) -> jax.Array:
+        b, s, d = x.shape
+        normed = self.norm1(x)
+        q, k, v = (
+            layer(normed).reshape(b, s, self.heads, -1)
+            for layer in (self.query, self.key, self.value)
+        )
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(
+            d // self.heads
+        )
+        z = z.astype(jnp.float32)
+        delta = z[:, None, :] - z[:, :, None]  # (B, q, k)
+        bias = jnp.einsum("bqkj,hj->bhqk", _hats(delta, Z_KNOTS), self.bias[...])
+        logits = jnp.where(valid[:, None, None, :] > 0, logits + bias, -1e9)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, s, d)
+        x = x + self.proj(attended)
+        return x + self.mlp_out(nnx.silu(self.mlp_in(self.norm2(x))))
+
+
+# Share of a study's slices that show a given vertebra (~1 in 7, plus overlaps): the level
+# head's starting prior.
+LEVEL_PRIOR = 0.2
+
+
+class ZContext(nnx.Module):
+    """Level identity and per-level fracture logits from the slices around each slice.
+
+    An axial slice and its two neighbours cannot tell C4 from C5; the sequence of a study's
+    slices can (count down from the skull base and C2's dens). Embeds each slice's features,
+    runs `layers` `ZBlock`s along z (0: each slice on its own, the no-context ablation) and
+    reads two heads: level logits (is C_v on this slice) and fracture logits (is C_v broken
+    on this slice), the latter added to the pixel evidence.
+    x (B, S, F), z (B, S), valid (B, S) -> level logits (B, S, 7), fracture logits (B, S, 7).
+    """
+
+    def __init__(
+        self, in_features: int, width: int, layers: int, heads: int, dtype, rngs: nnx.Rngs
+    ):
+        self.embed = nnx.Linear(in_features, width, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([ZBlock(width, heads, dtype, rngs) for _ in range(layers)])
+        self.norm = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
+        prior = math.log(LEVEL_PRIOR / (1 - LEVEL_PRIOR))
+        self.level = nnx.Linear(
+            width,
+            NUM_VERTEBRAE,
+            dtype=dtype,
+            kernel_init=nnx.initializers.zeros_init(),
+            bias_init=nnx.initializers.constant(prior),
+            rngs=rngs,
+        )
         # Adds to the pixel evidence (`fracture_evidence`), so it starts as a no-op.
-        self.out = nnx.Linear(
-            hidden,
+        self.fracture = nnx.Linear(
+            width,
             NUM_VERTEBRAE,
             dtype=dtype,
             kernel_init=nnx.initializers.zeros_init(),
@@ -163,11 +269,12 @@ class SliceClassifier(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x: jax.Array, presence: jax.Array) -> jax.Array:
-        x = nnx.silu(self.norm(x))
-        pooled = jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1)
-        hidden = nnx.silu(self.features(pooled) + self.presence(presence.astype(x.dtype)))
-        return self.out(hidden)
+    def __call__(self, x: jax.Array, z: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h, z, valid)
+        h = nnx.silu(self.norm(h))
+        return self.level(h).astype(jnp.float32), self.fracture(h).astype(jnp.float32)
 
 
 def weighted_log_mean_exp(x: jax.Array, weights: jax.Array, axis: int) -> jax.Array:

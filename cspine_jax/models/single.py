@@ -1,12 +1,23 @@
 """SingleModel: one 2.5D network for vertebra segmentation, slice and study fracture logits.
 
-Every slice of a study goes through the same encoder (backbone, segmentation decoder, slice
-classifier); the study head pools the per-slice logits over z, weighted by the segmentation's
-own per-slice vertebra presence. Per-slice work and pooling are separate methods, so whole-study
-inference can encode slices in chunks of any size and pool once.
+Three parts, in order:
+1. `encode_slices`, per slice and independent across slices (so chunkable): the backbone,
+   the segmentation decoder's pixel logits (vertebra classes and a fracture map) and the
+   slice's embedding.
+2. `context`, along z over the embeddings of one study (`heads.ZContext`): each slice's level
+   logits (which of C1..C7 it shows) and per-level fracture logits from its neighbours.
+3. `locate`, per slice again: the segmentation is the pixel logits plus the log of the
+   slice's level probabilities (a product of experts: a pixel is C_v only where z-context
+   allows C_v), so the segmentation and the sequence module agree by construction; the
+   slice's fracture logits are the pixel evidence per vertebra under the fracture map plus
+   the z-context fracture logits. `pool` then gives the study logits, weighted by the level
+   probabilities.
+Whole-study inference runs 1 over chunks of slices, 2 once over every slice, 3 over chunks,
+then pools (`evaluation.StudyPredictor`).
 
 Config (`config.model`, declared and commented in configs/default.py): widths, depths,
-decoder_width, dtype, strides, norm_group_size, head_hidden, presence_window,
+decoder_width, dtype, stem_patch, strides, norm_group_size, z_width, z_layers, z_heads,
+presence_window,
 pool_temperature, detach_presence.
 """
 
@@ -23,18 +34,21 @@ import optax
 from absl import logging
 from flax import nnx
 
-from cspine_jax.data.rsna import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS
-from cspine_jax.models.backbone import Backbone
+from cspine_jax.data.rsna import NEGATIVE_WEIGHTS, NUM_VERTEBRAE, POSITIVE_WEIGHTS
+from cspine_jax.models.backbone import Backbone, group_norm
 from cspine_jax.models.heads import (
     NUM_CLASSES,
     SegDecoder,
-    SliceClassifier,
     StudyPool,
+    ZContext,
     fracture_evidence,
     label_grid,
     noisy_or_logit,
+    slice_embedding,
     vertebra_presence,
 )
+
+SEG_STRIDE = 2  # input pixels per segmentation pixel
 
 
 def input_channels(config: ml_collections.ConfigDict) -> int:
@@ -44,7 +58,8 @@ def input_channels(config: ml_collections.ConfigDict) -> int:
 
 
 class SingleModel(nnx.Module):
-    """Study batch (B, S, H, W, C) -> segmentation, slice, presence and study logits."""
+    """Study batch (B, S, H, W, C), slice positions (B, S) -> segmentation, level, slice and
+    study logits."""
 
     def __init__(
         self, model_config: ml_collections.ConfigDict, in_features: int, *, rngs: nnx.Rngs
@@ -56,7 +71,11 @@ class SingleModel(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         self.presence_window = cfg.presence_window
         self.detach_presence = cfg.detach_presence
-        self.backbone = Backbone(in_features, widths, depths, strides, group_size, dtype, rngs)
+        self.backbone = Backbone(
+            in_features, widths, depths, strides, group_size, dtype, rngs, cfg.stem_patch
+        )
+        # The segmentation stays at stride 2 whatever the stem, so its Dice is scored on one
+        # grid across architectures.
         self.decoder = SegDecoder(
             (widths[0], *widths),
             self.backbone.feature_strides,
@@ -64,52 +83,90 @@ class SingleModel(nnx.Module):
             group_size,
             dtype,
             rngs,
+            out_stride=SEG_STRIDE,
         )
-        self.classifier = SliceClassifier(
-            widths[-1], cfg.head_hidden or widths[-1], group_size, dtype, rngs
+        self.feature_norm = group_norm(widths[-1], group_size, dtype, rngs)
+        self.zcontext = ZContext(
+            2 * widths[-1] + NUM_VERTEBRAE + 1, cfg.z_width, cfg.z_layers, cfg.z_heads, dtype, rngs
         )
         self.study_pool = StudyPool(cfg.pool_temperature)
 
-    def encode_slices(self, images: jax.Array) -> tuple[jax.Array, ...]:
+    def encode_slices(self, images: jax.Array) -> dict[str, jax.Array]:
         """Per-slice work, independent across slices (so chunkable).
 
-        images (N, H, W, C) -> seg_logits (N, H/2, W/2, 8), slice_logits (N, 7),
-        presence (N, 7), fracture_logits (N, H/2, W/2); all float32.
+        images (N, H, W, C) -> pixel_logits (N, h, w, 8) (the segmentation before z-context),
+        fracture_logits (N, h, w), embedding (N, 2 * widths[-1] + 8): pooled deepest features,
+        the pixels' vertebra presence and the slice's position channel; all float32.
         """
         features = self.backbone(images)
         decoded = self.decoder(features).astype(jnp.float32)
-        seg_logits, fracture_logits = decoded[..., :NUM_CLASSES], decoded[..., NUM_CLASSES]
-        presence = vertebra_presence(seg_logits, self.presence_window)
-        located = seg_logits
+        pixel_logits, fracture_logits = decoded[..., :NUM_CLASSES], decoded[..., NUM_CLASSES]
+        pooled = slice_embedding(nnx.silu(self.feature_norm(features[-1]))).astype(jnp.float32)
+        # What the pixels say is on the slice, as a feature of the sequence: not a path for
+        # the fracture losses into the segmentation.
+        presence = jax.lax.stop_gradient(vertebra_presence(pixel_logits, self.presence_window))
+        # Where the slice sits in the scan (0 top .. 1 bottom): after the backbone's
+        # normalisation the position plane no longer reaches the pooled features as a number.
+        position = images[:, 0, 0, -1:].astype(jnp.float32)
+        return dict(
+            pixel_logits=pixel_logits,
+            fracture_logits=fracture_logits,
+            embedding=jnp.concatenate([pooled, presence, position], axis=-1),
+        )
+
+    def context(
+        self, embedding: jax.Array, z: jax.Array, valid: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """(B, S, F) embeddings, (B, S) slice positions (prepared slices), (B, S) valid ->
+        level logits (B, S, 7), z-context fracture logits (B, S, 7)."""
+        return self.zcontext(embedding, z, valid)
+
+    def locate(
+        self,
+        pixel_logits: jax.Array,
+        fracture_logits: jax.Array,
+        level_logits: jax.Array,
+        context_fracture: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Per slice: (N, h, w, 8), (N, h, w), (N, 7), (N, 7) -> seg_logits (N, h, w, 8),
+        slice_logits (N, 7), presence (N, 7) (the level probabilities)."""
+        level = jax.nn.log_sigmoid(level_logits)
+        seg_logits = pixel_logits + jnp.pad(level, ((0, 0), (1, 0)))[:, None, None, :]
+        presence, located = jax.nn.sigmoid(level_logits), seg_logits
         if self.detach_presence:
-            # The segmentation is trained by masks only: letting the fracture losses move it
-            # would turn presence into free attention that no longer says where C_v is.
+            # Levels are trained by masks only: letting the fracture losses move them would
+            # turn presence into free attention that no longer says where C_v is.
             presence = jax.lax.stop_gradient(presence)
             located = jax.lax.stop_gradient(seg_logits)
-        slice_logits = fracture_evidence(located, fracture_logits) + self.classifier(
-            features[-1], presence
-        ).astype(jnp.float32)
-        return seg_logits, slice_logits, presence, fracture_logits
+        slice_logits = fracture_evidence(located, fracture_logits) + context_fracture
+        return seg_logits, slice_logits, presence
 
     def pool(self, slice_logits: jax.Array, presence: jax.Array, valid: jax.Array) -> jax.Array:
         """(B, S, 7), (B, S, 7), (B, S) -> study logits (B, 8): [patient_overall, C1..C7]."""
         return self.study_pool(slice_logits, presence, valid)
 
-    def __call__(self, image: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
-        """image (B, S, H, W, C), valid (B, S) -> dict of seg_logits (B, S, h, w, 8),
-        slice_logits (B, S, 7), presence (B, S, 7), fracture_logits (B, S, h, w),
-        study_logits (B, 8)."""
+    def __call__(self, image: jax.Array, valid: jax.Array, z: jax.Array) -> dict[str, jax.Array]:
+        """image (B, S, H, W, C), valid (B, S), z (B, S) slice positions in prepared slices ->
+        dict of seg_logits (B, S, h, w, 8), level_logits (B, S, 7), slice_logits (B, S, 7),
+        presence (B, S, 7), fracture_logits (B, S, h, w), study_logits (B, 8)."""
         b, s = image.shape[:2]
-        seg, slices, presence, fracture = self.encode_slices(image.reshape(b * s, *image.shape[2:]))
-        seg = seg.reshape(b, s, *seg.shape[1:])
-        slices = slices.reshape(b, s, -1)
-        presence = presence.reshape(b, s, -1)
+        slices = self.encode_slices(image.reshape(b * s, *image.shape[2:]))
+        level, context_fracture = self.context(slices["embedding"].reshape(b, s, -1), z, valid)
+        seg, slice_logits, presence = self.locate(
+            slices["pixel_logits"],
+            slices["fracture_logits"],
+            level.reshape(b * s, -1),
+            context_fracture.reshape(b * s, -1),
+        )
+        per_study = lambda x: x.reshape(b, s, *x.shape[1:])  # noqa: E731
+        slice_logits, presence = per_study(slice_logits), per_study(presence)
         return dict(
-            seg_logits=seg,
-            slice_logits=slices,
+            seg_logits=per_study(seg),
+            level_logits=level,
+            slice_logits=slice_logits,
             presence=presence,
-            fracture_logits=fracture.reshape(b, s, *fracture.shape[1:]),
-            study_logits=self.pool(slices, presence, valid),
+            fracture_logits=per_study(slices["fracture_logits"]),
+            study_logits=self.pool(slice_logits, presence, valid),
         )
 
 
@@ -195,6 +252,28 @@ def segmentation_losses(
     return masked_ratio(ce, has_mask), masked_ratio(dice_loss, has_mask)
 
 
+# A vertebra counts as on a slice from this share of the slice's pixels: a sliver of the
+# neighbouring vertebra at its end plate is not the level a fracture there belongs to.
+LEVEL_MIN_SHARE = 1e-3
+
+
+def level_targets(mask: jax.Array) -> jax.Array:
+    """(B, S, H, W) int labels -> (B, S, 7) float32, 1 where C_v covers LEVEL_MIN_SHARE of
+    the slice."""
+    counts = jax.nn.one_hot(mask, NUM_CLASSES, dtype=jnp.float32)[..., 1:].sum(axis=(2, 3))
+    return (counts >= LEVEL_MIN_SHARE * mask.shape[2] * mask.shape[3]).astype(jnp.float32)
+
+
+def level_loss(
+    level_logits: jax.Array, mask: jax.Array, valid: jax.Array, has_mask: jax.Array
+) -> Ratio:
+    """BCE of each slice's level logits against `level_targets`, averaged over the valid
+    slices of masked studies and the 7 levels. (B, S, 7), (B, S, H, W), (B, S), (B,) -> its
+    `Ratio`."""
+    bce = optax.sigmoid_binary_cross_entropy(level_logits, level_targets(mask)).mean(-1)
+    return masked_ratio(bce, valid.astype(jnp.float32) * has_mask.astype(jnp.float32)[:, None])
+
+
 def slice_loss(
     slice_logits: jax.Array, slice_fracture: jax.Array, valid: jax.Array, located: jax.Array
 ) -> Ratio:
@@ -242,7 +321,8 @@ def fracture_map_loss(
 
 
 def loss_ratios(outputs: dict[str, jax.Array], batch: dict[str, jax.Array]) -> dict[str, Ratio]:
-    """The study, segmentation, slice and fracture-map loss terms as `Ratio`s, in float32."""
+    """The study, segmentation, level, slice and fracture-map loss terms as `Ratio`s, in
+    float32."""
     seg_ce, seg_dice = segmentation_losses(
         outputs["seg_logits"], batch["mask"], batch["valid"], batch["has_mask"]
     )
@@ -252,6 +332,7 @@ def loss_ratios(outputs: dict[str, jax.Array], batch: dict[str, jax.Array]) -> d
         study=study_loss(outputs["study_logits"], batch["labels"]),
         seg_ce=seg_ce,
         seg_dice=seg_dice,
+        level=level_loss(outputs["level_logits"], batch["mask"], batch["valid"], batch["has_mask"]),
         slice=slice_loss(outputs["slice_logits"], batch["slice_fracture"], batch["valid"], located),
         fracture_map=fracture_map_loss(
             outputs["fracture_logits"], batch["fracture"], batch["valid"], located
@@ -262,6 +343,6 @@ def loss_ratios(outputs: dict[str, jax.Array], batch: dict[str, jax.Array]) -> d
 def compute_loss(
     outputs: dict[str, jax.Array], batch: dict[str, jax.Array], loss_cfg: Mapping[str, float]
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The weighted sum of `loss_ratios` (weights `study`, `seg_ce`, `seg_dice`, `slice`,
-    `fracture_map` of loss_cfg) and the unweighted term values (for logging)."""
+    """The weighted sum of `loss_ratios` (weights `study`, `seg_ce`, `seg_dice`, `level`,
+    `slice`, `fracture_map` of loss_cfg) and the unweighted term values (for logging)."""
     return weighted_loss(loss_ratios(outputs, batch), loss_cfg)

@@ -20,7 +20,9 @@ Sizes (`SIZES`): `tiny` (64^2, ~2 mm pixels, ~4 mm slices, for unit tests), `dem
 `full` (512^2 (1 in 50 studies 560^2 or 768^2), 0.25-0.4 mm pixels, 200-400 slices of
 0.5-1 mm: the real data's size, for latency benchmarks). The same (seed, index) is the same
 patient at every size; only the grid, the noise and the demo widening of thin lucencies
-(`GAP_WIDENING`) differ.
+(`GAP_WIDENING`) differ. A `Framing` widens a size's field of view and moves the patient off
+its centre, as real scans frame the neck (tests of the spine region,
+`preprocess.find_spine`); without one the studies are as they always were.
 
 Modules, in dependency order: `labels` (targets at the RSNA prevalence), `shapes`
 (signed-distance primitives), `fractures` (lesions and look-alikes), `anatomy` (vertebrae
@@ -37,7 +39,14 @@ from cspine_jax.data.phantom.labels import (
     PATIENT_PREVALENCE,
     sample_labels,
 )
-from cspine_jax.data.phantom.plan import GAP_WIDENING, SIZES, SizeSpec, StudyPlan, plan_study
+from cspine_jax.data.phantom.plan import (
+    GAP_WIDENING,
+    SIZES,
+    Framing,
+    SizeSpec,
+    StudyPlan,
+    plan_study,
+)
 from cspine_jax.data.phantom.rendering import render
 from cspine_jax.data.phantom.shortcut import STAT_NAMES, shortcut_auc, vertebra_stats
 from cspine_jax.data.phantom.writer import Study, dataset_flags, generate_study, write_dataset
@@ -48,6 +57,7 @@ GENERATOR_VERSION = 1
 
 __all__ = [
     "COUNT_PROBS",
+    "Framing",
     "GAP_WIDENING",
     "GENERATOR_VERSION",
     "LEVELS",

@@ -3,7 +3,9 @@
 `python -m cspine_jax.data.phantom --out DIR --num_studies N --seed S --size demo`
 (sizes: tiny, demo, full; see `cspine_jax.data.phantom`). The shares of studies with a mask
 and with boxes default to those of the phantoms `train.py` generates (`configs/default.py`,
-`data.phantom`).
+`data.phantom`). `--fov_scale F --off_centre O` frame each study as real scans do (a field of
+view up to F times the size's, the patient up to O of its width off its centre; `Framing`),
+e.g. to evaluate a run on off-centre studies (`evaluate.py --data`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 from absl import flags
 
 from cspine_jax import cli
-from cspine_jax.data.phantom.plan import SIZES
+from cspine_jax.data.phantom.plan import SIZES, Framing
 from cspine_jax.data.phantom.writer import write_dataset
 
 
@@ -47,10 +49,21 @@ def _cli():
     flags.DEFINE_float(
         "box_fraction", 1.0, "Share of positive studies with boxes (as configs/default.py)."
     )
+    flags.DEFINE_float(
+        "fov_scale", 1.0, "Fields of view widened by up to this factor (drawn per study)."
+    )
+    flags.DEFINE_float(
+        "off_centre",
+        0.0,
+        "Patients moved off the field of view's centre by up to this share of its width.",
+    )
     FLAGS = flags.FLAGS
 
     def main(argv):
         del argv
+        framing = None
+        if FLAGS.fov_scale != 1.0 or FLAGS.off_centre != 0.0:
+            framing = Framing((1.0, FLAGS.fov_scale), (0.0, FLAGS.off_centre))
         out = write_dataset(
             FLAGS.out,
             FLAGS.num_studies,
@@ -59,6 +72,7 @@ def _cli():
             FLAGS.workers,
             FLAGS.mask_fraction,
             FLAGS.box_fraction,
+            framing,
         )
         print(summary(out))
 

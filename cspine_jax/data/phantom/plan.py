@@ -7,6 +7,12 @@ that one choice never shifts another. World coordinates are DICOM LPS in mm; the
 (z, y, x) with slice 0 the most superior. Only the grid (`_Grid`) and the widening of thin
 lucencies (`GAP_WIDENING`) depend on the size: the same (seed, index) is the same patient at
 every size.
+
+The sizes frame every study alike: a square field of view of `SizeSpec.matrix` pixels centred
+near the spinal canal at C4. Real scans are framed less kindly (130-250 mm fields of view, the
+neck anywhere in them); a `Framing` widens the field of view and moves the patient off its
+centre, from its own random stream, so the same (seed, index) stays the same patient and the
+default framing (None) the same study, byte for byte.
 """
 
 from __future__ import annotations
@@ -57,6 +63,26 @@ SIZES = {
     "full": SizeSpec(512, (0.25, 0.4), (0.5, 1.0), (200, 400), (5.0, 30.0), (1, 1, 1)),
 }
 _UID_ROOT = "1.2.826.0.1.3680043.10"
+
+
+@dataclasses.dataclass(frozen=True)
+class Framing:
+    """A field of view framed otherwise than the sizes frame it: wider, the patient off-centre.
+
+    Each study draws its own framing (uniformly within the ranges, the offset's direction
+    uniformly around the circle) from a stream of its own.
+
+    Attributes:
+      fov_scale: (lo, hi) field-of-view width as a multiple of the size's: more pixels at the
+        size's pixel spacing, so the anatomy is sampled as finely as without a framing.
+      offset: (lo, hi) distance of the spinal canal (at C4) from the field of view's centre,
+        as a fraction of the field of view's width.
+    """
+
+    fov_scale: tuple[float, float] = (1.0, 1.0)
+    offset: tuple[float, float] = (0.0, 0.0)
+
+
 # Prevertebral soft tissue in front of each level (mm): thin behind the pharynx, thicker
 # from C5 down, where the oesophagus lies between the airway and the spine.
 _PREVERTEBRAL_MM = dict(C1=6, C2=4, C3=5, C4=6, C5=10, C6=14, C7=15, T1=16, T2=17)
@@ -189,7 +215,9 @@ def _plan_soft(vertebrae, rng) -> _SoftTissue:
     )
 
 
-def _plan_grid(vertebrae, spec: SizeSpec, matrix: int, rng) -> _Grid:
+def _plan_grid(
+    vertebrae, spec: SizeSpec, matrix: int, rng, framing: Framing | None = None, framing_rng=None
+) -> _Grid:
     top = max(_world_bounds(vertebrae[0], *p.bounds())[1][2] for p in vertebrae[0].parts)
     top += rng.uniform(*spec.top_margin_mm)
     bottom = vertebrae[8].c[2] + rng.uniform(-4.0, 4.0)
@@ -201,6 +229,11 @@ def _plan_grid(vertebrae, spec: SizeSpec, matrix: int, rng) -> _Grid:
     canal = c4.c + c4.R @ np.array([0.0, c4.body[1] + 7.0, 0.0])
     cx = canal[0] + rng.uniform(-6, 6)
     cy = canal[1] + rng.uniform(-4, 6)
+    if framing is not None:  # its own stream: the default grid draws what it always drew
+        matrix = int(round(matrix * framing_rng.uniform(*framing.fov_scale)))
+        off = framing_rng.uniform(*framing.offset) * matrix * px
+        angle = framing_rng.uniform(0, 2 * math.pi)
+        cx, cy = cx - off * math.cos(angle), cy - off * math.sin(angle)
     half = (matrix - 1) / 2 * px
     return _Grid((nz, matrix, matrix), (dz, px, px), cx - half, cy - half, top, spec.supersample)
 
@@ -209,11 +242,14 @@ def _plan_grid(vertebrae, spec: SizeSpec, matrix: int, rng) -> _Grid:
 # The whole study.
 
 
-def plan_study(index: int, seed: int, size: str = "demo") -> StudyPlan:
+def plan_study(
+    index: int, seed: int, size: str = "demo", *, framing: Framing | None = None
+) -> StudyPlan:
     """Draw everything about study `index` of dataset `seed` (deterministic).
 
-    Anatomy, labels and fractures do not depend on `size`: the same (seed, index) is the same
-    patient at every size.
+    Anatomy, labels and fractures do not depend on `size` or `framing`: the same (seed, index)
+    is the same patient at every size and framing. framing: None frames the study as the size
+    does (`Framing`).
     """
     if size not in SIZES:
         raise ValueError(f"unknown phantom size {size!r}; one of {sorted(SIZES)}")
@@ -241,7 +277,8 @@ def plan_study(index: int, seed: int, size: str = "demo") -> StudyPlan:
     # The real data are 99.6 % 512^2 with a few larger matrices: 1 full-size study in 50 here.
     odd_matrix = int(r_layout.choice([560, 768])) if r_layout.random() < 0.02 else spec.matrix
     matrix = odd_matrix if size == "full" else spec.matrix
-    grid = _plan_grid(vertebrae, spec, matrix, r_grid)
+    r_framing = np.random.default_rng(np.random.SeedSequence([seed, index, 2]))
+    grid = _plan_grid(vertebrae, spec, matrix, r_grid, framing, r_framing)
     return StudyPlan(
         uid=f"{_UID_ROOT}.{int(seed)}.{int(index)}",
         size=size,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cspine_jax.data.dicom import Series
-from cspine_jax.data.phantom.plan import SIZES, plan_study
+from cspine_jax.data.phantom.plan import SIZES, Framing, plan_study
 from cspine_jax.data.phantom.rendering import render
 from cspine_jax.data.rsna import BOX_COLUMNS, TRAIN_COLUMNS
 
@@ -75,7 +75,13 @@ def _boxes(footprints: dict, slice_numbers: np.ndarray, pixel_mm: float) -> list
 
 
 def generate_study(
-    index: int, seed: int, size: str = "demo", *, with_mask: bool, with_boxes: bool
+    index: int,
+    seed: int,
+    size: str = "demo",
+    *,
+    with_mask: bool,
+    with_boxes: bool,
+    framing: Framing | None = None,
 ) -> Study:
     """Generate study `index` of the dataset `seed`, deterministically.
 
@@ -84,9 +90,10 @@ def generate_study(
       size: "tiny", "demo" or "full" (see `SIZES`).
       with_mask: return the vertebra labels (else labels_zyx is None).
       with_boxes: return the fracture boxes of a positive study (else boxes is empty).
+      framing: a wider, off-centre field of view (`Framing`); None: the size's.
       The image does not depend on with_mask / with_boxes.
     """
-    plan = plan_study(index, seed, size)
+    plan = plan_study(index, seed, size, framing=framing)
     hu, labels, footprints = render(plan)
     g = plan.grid
     numbers = _slice_numbers(g.shape[0], plan.reverse_numbering)
@@ -131,12 +138,14 @@ def dataset_flags(index: int, seed: int, mask_fraction: float, box_fraction: flo
 
 
 def _write_one(job):
-    out, index, seed, size, mask_fraction, box_fraction = job
+    out, index, seed, size, mask_fraction, box_fraction, framing = job
     from cspine_jax.data.dicom import write_series
     from cspine_jax.data.nifti import write_mask
 
     with_mask, with_boxes = dataset_flags(index, seed, mask_fraction, box_fraction)
-    study = generate_study(index, seed, size, with_mask=with_mask, with_boxes=with_boxes)
+    study = generate_study(
+        index, seed, size, with_mask=with_mask, with_boxes=with_boxes, framing=framing
+    )
     uid = study.series.uid
     write_series(
         Path(out) / "train_images" / uid,
@@ -157,13 +166,15 @@ def write_dataset(
     workers: int | None = None,
     mask_fraction: float = 0.3,
     box_fraction: float = 0.5,
+    framing: Framing | None = None,
 ) -> Path:
     """Generate `num_studies` phantoms into `out` in the RSNA 2022 layout.
 
     Writes `train_images/<uid>/<n>.dcm`, `segmentations/<uid>.nii` (a `mask_fraction` share of
     studies), `train.csv` and `train_bounding_boxes.csv` (boxes for a `box_fraction` share of
     positive studies). Rows are in study-index order, so the output is the same for any
-    `workers` (default os.cpu_count(); 1 runs in this process).
+    `workers` (default os.cpu_count(); 1 runs in this process). framing: every study's field
+    of view widened and moved off the patient (`Framing`); None: as the size frames it.
 
     Returns:
       The output folder.
@@ -175,7 +186,9 @@ def write_dataset(
     out = Path(out)
     (out / "train_images").mkdir(parents=True, exist_ok=True)
     (out / "segmentations").mkdir(exist_ok=True)
-    jobs = [(str(out), i, seed, size, mask_fraction, box_fraction) for i in range(num_studies)]
+    jobs = [
+        (str(out), i, seed, size, mask_fraction, box_fraction, framing) for i in range(num_studies)
+    ]
     workers = min(workers or os.cpu_count() or 1, max(num_studies, 1))
     bar = tqdm(total=num_studies, desc=f"phantoms ({size})", unit="study")
     if workers == 1:
