@@ -6,7 +6,8 @@ Each row is `python train.py` with a few config overrides, on the same phantoms,
 train/held-out split and the same seed; a row whose run folder already holds a metrics.json
 is read back, not rerun (delete the folder to rerun it). The table reads each run's final
 whole-study evaluation of its held-out fold (`metrics.json`): competition loss, patient AUC,
-mean C1-C7 AUC, mean C1-C7 Dice and its lowest level, and the training seconds of the best
+mean C1-C7 AUC, mean C1-C7 Dice and its lowest level, the same run's test-set loss and AUCs
+(`test_metrics.json`: studies nothing was selected on), and the training seconds of the best
 checkpoint's run (`train_seconds`: compilation and input included, evaluations excluded).
 
 Then the learning curves: every row's held-out checkpoint evaluations (validation loss and
@@ -76,9 +77,14 @@ def run_row(name: str, overrides: list[str], workdir: str) -> float:
 
 
 def row_values(workdir: str) -> dict[str, float]:
-    """The table's numbers of one finished run."""
+    """The table's numbers of one finished run: its held-out fold's, and its test set's
+    (`test_` keys, NaN where the run has none)."""
     with open(os.path.join(workdir, "metrics.json")) as f:
         m = json.load(f)
+    test = {}
+    if os.path.exists(os.path.join(workdir, "test_metrics.json")):
+        with open(os.path.join(workdir, "test_metrics.json")) as f:
+            test = json.load(f)
     step = m["step"]
     with open(os.path.join(workdir, "checkpoints", str(step), "metrics", "metrics")) as f:
         seconds = json.load(f).get("train_seconds", float("nan"))
@@ -92,6 +98,9 @@ def row_values(workdir: str) -> dict[str, float]:
         dice_min=min(dice),
         seconds=seconds,
         step=step,
+        test_loss=test.get("competition_loss", float("nan")),
+        test_auc=test.get("auc_patient_overall", float("nan")),
+        test_vertebra_auc=test.get("auc_mean_vertebra", float("nan")),
     )
 
 
@@ -141,13 +150,16 @@ def main(argv):
         workdir = os.path.join(FLAGS.out, name)
         run_row(name, ROWS[name][1], workdir)
         results[name] = row_values(workdir)
-    header = "| row | held-out loss | patient AUC | mean C1-C7 AUC | mean Dice (min) | train s |"
-    print(header)
-    print("|" + "---|" * 6)
+    print(
+        "| row | held-out loss | patient AUC | mean C1-C7 AUC | mean Dice (min) | test loss | "
+        "test patient AUC | test mean C1-C7 AUC | train s |"
+    )
+    print("|" + "---|" * 9)
     for name, v in results.items():
         print(
             f"| {name} | {v['loss']:.3f} | {v['auc']:.3f} | {v['vertebra_auc']:.3f} | "
-            f"{v['dice']:.3f} ({v['dice_min']:.2f}) | {v['seconds']:.0f} |"
+            f"{v['dice']:.3f} ({v['dice_min']:.2f}) | {v['test_loss']:.3f} | "
+            f"{v['test_auc']:.3f} | {v['test_vertebra_auc']:.3f} | {v['seconds']:.0f} |"
         )
     curves = {name: held_out_curve(os.path.join(FLAGS.out, name)) for name in results}
     path = os.path.join(FLAGS.out, "learning_curves.png")

@@ -19,6 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.phantom = ml_collections.ConfigDict(
         dict(num_studies=240, seed=0, size="demo", mask_fraction=0.3, box_fraction=1.0)
     )
+    # The test set: studies nothing is trained, chosen or thresholded on; the run ends by
+    # scoring them beside the held-out fold (test_metrics.json). test_dir: an RSNA-layout
+    # folder with labels; empty, on phantoms: `test_phantom` studies of another seed, made
+    # once like the training phantoms (same size and shares); num_studies 0: none.
+    c.data.test_dir = ""
+    c.data.test_phantom = ml_collections.ConfigDict(dict(num_studies=100, seed=1000))
     c.data.grid = 96  # in-plane pixels after resize (H = W)
     # What the G x G grid shows (`cspine_jax.data.preprocess`): 'spine', a region_mm square
     # around the vertebral column found in each study (no labels needed), at region_mm / grid
@@ -49,6 +55,14 @@ def get_config() -> ml_collections.ConfigDict:
     # vertebrae's outlines (30 % of the phantoms, 4 % of the real training set).
     c.data.mask_oversample = 1.0
     c.data.fracture_focus = 1.0  # chance a z bin holding boxed slices samples one of them
+    # The fracture stream (`pipeline.FracturePool`): besides the study bags, `slices` slices a
+    # step (global; a multiple of optim.batch_size) drawn independently across every training
+    # study whose fractures are located (boxes, or a negative study), a share `boxed` of them
+    # touched by a box, the others negatives (look-alikes, intact levels). They train the
+    # fracture map through the same backbone and decoder, in the same step. The map alone
+    # learns from such slices and stays at chance fed whole-study bags
+    # (benchmarks/fracture_detector.py --slices_per_study).
+    c.data.stream = ml_collections.ConfigDict(dict(slices=32, boxed=0.5))
     # Without the in-plane warp (applied in the train step: `cspine_jax.augment`) a slice
     # classifier memorises the 192 training studies within ~300 steps and stays at chance on
     # held-out ones. flip: left-right; rotate_deg, scale, shift (fraction of the grid): the
@@ -68,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
     # stem, stages run at strides 4, 8, 16, 32. The segmentation is at stride 2 either way.
     c.model.stem_patch = 0
     c.model.strides = (2, 2, 2, 2)
+    # The input image into the decoder's finest level (`heads.SegDecoder`), as
+    # space-to-depth patches: the fracture map sees the 1-4 mm gaps at the input's pixels.
+    c.model.image_skip = False
     c.model.norm_group_size = 16  # GroupNorm channels per group (at least one group)
     # z-context (`heads.ZContext`): transformer blocks along z over the slice embeddings of a
     # study, giving each slice its levels and per-level fracture logits; 0 layers: none.
@@ -75,14 +92,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.z_layers = 2
     c.model.z_heads = 4
     c.model.presence_window = 3  # side of the mean filter before the max giving presence
-    c.model.pool_temperature = 1.0  # log-mean-exp temperature of the study pool
     c.model.detach_presence = True  # no gradient from the fracture losses into presence
+    # No gradient from the study and slice losses into the fracture map through its
+    # strongest pixels (`heads.fracture_evidence`): the map learns from its pixel losses.
+    c.model.detach_map = True
 
     # Weights of the loss terms (`models.single.compute_loss`): the competition's weighted log
     # loss, segmentation CE and Dice and the slices' level BCE (masked studies), per-slice BCE
-    # and the fracture map's pixel BCE (studies with boxes, and negative studies).
+    # and the fracture map's pixel BCE (studies with boxes, and negative studies), the map's
+    # pixel BCE on the fracture stream.
     c.loss = ml_collections.ConfigDict(
-        dict(study=1.0, seg_ce=1.0, seg_dice=1.0, level=1.0, slice=1.0, fracture_map=1.0)
+        dict(
+            study=1.0, seg_ce=1.0, seg_dice=1.0, level=1.0, slice=1.0, fracture_map=1.0, stream=1.0
+        )
     )
 
     c.optim = ml_collections.ConfigDict()

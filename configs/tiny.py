@@ -13,6 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.spacing_z = 4.0
     c.data.num_slices = 6
     c.data.eval_slices = 6
+    c.data.stream.slices = 8
+    c.data.test_phantom.num_studies = 4
     c.data.num_folds = 3
     c.model.widths = (8, 16, 24, 32)
     c.model.depths = (1, 1, 1, 1)

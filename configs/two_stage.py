@@ -20,6 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = single.seed
     c.data = single.data
+    # Stage 1 segments: it has no fracture map for the stream to train.
+    c.data.stream.slices = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.family = "two_stage"

@@ -70,3 +70,25 @@ def apply_warp(batch: dict[str, jax.Array], image_channels: int) -> dict[str, ja
         if name in batch:  # the two-stage classifier's stacks come without label maps
             out[name] = planes(batch[name], 0)
     return out
+
+
+def apply_stream_warps(batch: dict[str, jax.Array], image_channels: int) -> dict[str, jax.Array]:
+    """Warps each fracture-stream slice by its own `stream_warp` row (B, F, 4):
+    stream_image (B, F, H, W, C) and stream_fracture (B, F, H, W) as `apply_warp` warps a
+    study's slices, each slice its own one-slice study. Returns a new batch."""
+    image, fracture = batch["stream_image"], batch["stream_fracture"]
+    # B and F merged, then a new axis: a sharded B splits one reshape at a time.
+    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    warped = apply_warp(
+        {
+            "image": flat(image)[:, None],
+            "fracture": flat(fracture)[:, None],
+            "warp": flat(batch["stream_warp"]),
+        },
+        image_channels,
+    )
+    return {
+        **batch,
+        "stream_image": warped["image"][:, 0].reshape(image.shape),
+        "stream_fracture": warped["fracture"][:, 0].reshape(fracture.shape),
+    }

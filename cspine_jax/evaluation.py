@@ -180,18 +180,36 @@ def _is_count(key: str) -> bool:
     return key in ("step", "studies") or key.startswith("positives_")
 
 
-def format_table(values: Mapping[str, float]) -> str:
-    """Metric name / value lines, for terminals and logs; an undefined value reads
-    `n/a (<why>)` (`metrics.undefined_reasons`)."""
-    reasons = metrics.undefined_reasons(values)
-    width = max(len(k) for k in values)
+def format_table(*columns: Mapping[str, float], headers: Sequence[str] = ()) -> str:
+    """Metric name / value lines, for terminals and logs, one value column per metrics dict
+    (rows: the first's keys; `headers` above the columns where given); an undefined value
+    reads `n/a (<why>)` (`metrics.undefined_reasons`)."""
+    reasons = [metrics.undefined_reasons(values) for values in columns]
+    width = max(len(k) for k in columns[0])
 
-    def text(key: str, v: float) -> str:
-        if key in reasons:
-            return f"n/a ({reasons[key]})"
+    def text(i: int, key: str) -> str:
+        if key not in columns[i]:
+            return "-"
+        if key in reasons[i]:
+            return f"n/a ({reasons[i][key]})"
+        v = columns[i][key]
         return str(int(v)) if _is_count(key) else f"{v:.4f}"
 
-    return "\n".join(f"{k:<{width}}  {text(k, v)}" for k, v in values.items())
+    cells = [[text(i, key) for i in range(len(columns))] for key in columns[0]]
+    col = [
+        max([len(h) for h in headers[i : i + 1]] + [len(r[i]) for r in cells])
+        for i in range(len(columns))
+    ]
+    lines = (
+        [f"{'':<{width}}  " + "  ".join(f"{h:<{c}}" for h, c in zip(headers, col, strict=True))]
+        if headers
+        else []
+    )
+    lines += [
+        f"{key:<{width}}  " + "  ".join(f"{v:<{c}}" for v, c in zip(row, col, strict=True)).rstrip()
+        for key, row in zip(columns[0], cells, strict=True)
+    ]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _fallbacks_here(values: Mapping[str, float], where: str) -> dict[str, str]:

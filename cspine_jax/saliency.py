@@ -98,7 +98,7 @@ class FractureSaliency:
 
             def located(pixels, level, context_fracture):
                 _, slice_logits, presence = model.locate(
-                    pixels[..., :-1], pixels[..., -1], level, context_fracture
+                    pixels[..., :-1], pixels[..., -1], level, context_fracture, detach=False
                 )
                 return slice_logits, presence
 

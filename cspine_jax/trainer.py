@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,11 +47,16 @@ def make_loss_ratios(
     graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, loss_fn: Callable | None = None
 ) -> Callable:
     """(params, batch) -> the loss terms as `single.Ratio`s: `loss_fn(model, batch)`, by default
-    SingleModel's `loss_ratios` on the batch warped in-plane (`augment.apply_warp`)."""
+    SingleModel's `loss_ratios` on the batch warped in-plane (`augment.apply_warp`, and each
+    fracture-stream slice by its own warp)."""
+    channels = single.input_channels(config) - 1
 
     def single_model_loss(model, batch):
-        batch = augment.apply_warp(batch, single.input_channels(config) - 1)
-        return single.loss_ratios(model(batch["image"], batch["valid"], batch["z"]), batch)
+        batch = augment.apply_warp(batch, channels)
+        if "stream_image" in batch:
+            batch = augment.apply_stream_warps(batch, channels)
+        outputs = model(batch["image"], batch["valid"], batch["z"], batch.get("stream_image"))
+        return single.loss_ratios(outputs, batch)
 
     loss_fn = loss_fn or single_model_loss
     return lambda params, batch: loss_fn(nnx.merge(graphdef, params), batch)
@@ -213,6 +219,11 @@ def split_studies(
     chief = jax.process_index() == 0
     if chief:
         cache_dir = sources.prepared_cache(config.data, progress=progress)
+        test_dir = sources.test_dir(config.data)
+        if test_dir is not None:  # made and prepared now: a run fails before it trains
+            sources.prepared_cache(
+                {**config.data, "dir": test_dir, "cache_dir": ""}, progress=progress
+            )
     multihost_utils.sync_global_devices("cache prepared")
     if not chief:
         cache_dir = sources.prepared_cache(config.data, progress=False)
@@ -348,24 +359,46 @@ def train_loop(
 
 
 def finish_run(
-    run: Run, workdir: str, num_held_out: int, writer: SummaryWriter | None, *, progress: bool
+    run: Run,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    num_held_out: int,
+    writer: SummaryWriter | None,
+    *,
+    progress: bool,
 ) -> dict[str, float]:
     """How every run ends, of either family: the chief restores the best checkpoint and
     evaluates it on every slice of every held-out study by evaluate.py's path
     (`evaluation.evaluate_run`: metrics.json, submission.csv and the report figures in
-    workdir/eval), writes the metrics to workdir/metrics.json and TensorBoard and prints them;
-    the other processes wait for it. Returns the metrics (empty outside the chief)."""
+    workdir/eval), writes the metrics to workdir/metrics.json and TensorBoard; then scores
+    the test set (`sources.test_dir`), if any, with the thresholds chosen on the held-out
+    fold (workdir/test: its report; workdir/test_metrics.json: the same names as
+    metrics.json) and prints both side by side; the other processes wait for it. Returns the
+    held-out metrics (empty outside the chief)."""
     results = {}
     if run.chief:
         results = evaluation.evaluate_run(workdir, progress=progress, writer=writer)
         step = int(results["step"])
         evaluation.write_metrics(os.path.join(workdir, "metrics.json"), results)
-        for k, v in results.items():
-            if np.isfinite(v):
-                writer.add_scalar(f"final/{k}", v, step)
+        test, test_dir = {}, sources.test_dir(config.data)
+        if test_dir is not None:
+            test = evaluation.evaluate_run(
+                workdir, test_dir, os.path.join(workdir, "test"), step, progress=progress
+            )
+            shutil.copyfile(
+                os.path.join(workdir, "test", "metrics.json"),
+                os.path.join(workdir, "test_metrics.json"),
+            )
+        for prefix, values in (("final", results), ("test", test)):
+            for k, v in values.items():
+                if np.isfinite(v):
+                    writer.add_scalar(f"{prefix}/{k}", v, step)
         writer.close()
-        print(f"held-out results (best checkpoint, step {step}, {num_held_out} studies):")
-        print(evaluation.format_table(results))
+        print(f"results of the best checkpoint (step {step}):")
+        columns = {f"held-out ({num_held_out} studies)": results}
+        if test:
+            columns[f"test ({int(test['studies'])} studies, never selected on)"] = test
+        print(evaluation.format_table(*columns.values(), headers=list(columns)))
     multihost_utils.sync_global_devices("evaluated")
     return results
 
@@ -469,7 +502,7 @@ def train_and_evaluate(
     checkpoints.close(mngr)
 
     # Final: the best checkpoint on every slice of every held-out study.
-    return finish_run(run, workdir, len(held_out), writer, progress=progress)
+    return finish_run(run, config, workdir, len(held_out), writer, progress=progress)
 
 
 def build_state(config: ml_collections.ConfigDict, params: Any) -> dict[str, Any]:

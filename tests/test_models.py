@@ -327,8 +327,10 @@ def test_noisy_or_logit_matches_its_definition():
 
 
 def test_loss_decreases_when_overfitting_a_tiny_batch(net):
-    """40 Adam steps on one batch: the total loss to a quarter, and the level term (the
-    slowest: it waits for the embeddings to tell the slices apart) clearly down too."""
+    """40 Adam steps on one batch: the total loss under a third, every term down, the level
+    term (the slowest: it waits for the embeddings to tell the slices apart) clearly, the
+    study term too (the map's evidence is detached from it: z-context and the pool's
+    calibration fit it)."""
     config = net.config
     batch = _batch(config)
     graphdef, params, rest = nnx.split(net.model, nnx.Param, ...)
@@ -343,17 +345,19 @@ def test_loss_decreases_when_overfitting_a_tiny_batch(net):
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, terms["level"]
+        return optax.apply_updates(params, updates), opt_state, loss, terms
 
-    losses, levels = [], []
+    losses, terms = [], []
     for _ in range(40):
-        params, opt_state, loss, level = step(params, opt_state, batch)
+        params, opt_state, loss, term = step(params, opt_state, batch)
         losses.append(float(loss))
-        levels.append(float(level))
-    print("overfit losses", losses[0], losses[-1], "level", levels[0], levels[-1])
+        terms.append({k: float(v) for k, v in term.items()})
+    print("overfit losses", losses[0], losses[-1], terms[0], terms[-1])
     assert np.isfinite(losses).all()
-    assert losses[-1] < 0.25 * losses[0]
-    assert levels[-1] < 0.75 * levels[0]
+    assert losses[-1] < losses[0] / 3
+    assert all(terms[-1][k] < terms[0][k] for k in terms[0])
+    assert terms[-1]["level"] < 0.75 * terms[0]["level"]
+    assert terms[-1]["study"] < 0.5 * terms[0]["study"]
 
 
 def test_bfloat16_compute_keeps_float32_params_and_finite_outputs():
@@ -397,20 +401,31 @@ def test_fracture_map_loss_rewards_the_box_mask():
     )
 
 
-def test_fracture_evidence_goes_to_the_vertebra_under_it():
+def test_fracture_evidence_is_the_strongest_map_pixels_of_the_vertebra_around_them():
+    """C2 fills rows 0-3 of an 8 x 8 slice. Its evidence is the mean of the 8 strongest
+    fracture logits on or next to it: 8 flagged C2 pixels give their logit; a flagged pixel
+    one row below C2 (a gap the segmentation calls background) counts as one of C2's; one
+    flagged pixel 3 rows away, or on the slice but in no vertebra, hardly moves it."""
     seg = np.full((1, 8, 8, 8), -10.0, np.float32)
     seg[..., 0] = 10.0
-    seg[0, :4, :, 2] = 10.0  # C2 fills the top half (32 pixels) ...
+    seg[0, :4, :, 2] = 10.0
     seg[0, :4, :, 0] = -10.0
-    fracture = np.full((2, 8, 8), -10.0, np.float32)
-    fracture[0, 1:3, 2:6] = 10.0  # ... where 8 of them are flagged,
-    fracture[1, 1, 3] = 10.0  # or only one.
+    fracture = np.full((3, 8, 8), -10.0, np.float32)
+    fracture[0, 1:3, 2:6] = 10.0  # 8 pixels of C2
+    fracture[1, 4, 3] = 10.0  # just below C2
+    fracture[2, 7, 3] = 10.0  # three rows away
     logits = np.asarray(
-        heads.fracture_evidence(jnp.asarray(np.repeat(seg, 2, axis=0)), jnp.asarray(fracture))
+        heads.fracture_evidence(jnp.asarray(np.repeat(seg, 3, axis=0)), jnp.asarray(fracture))
     )
-    # Logit of the flagged share of C2's area (32 pixels + 1 in the denominator).
-    np.testing.assert_allclose(logits[:, 1], [np.log(8 / 25), np.log(1 / 32)], rtol=1e-3)
-    assert (np.delete(logits, 1, axis=1) < -9.0).all()
+    assert logits.shape == (3, 7)
+    np.testing.assert_allclose(logits[0, 1], 10.0, atol=1e-3)
+    np.testing.assert_allclose(logits[1, 1], (10.0 - 7 * 10.0) / 8, atol=1e-3)
+    gate = np.log(np.exp(-20.0) + heads._GATE_FLOOR)  # C2 there: e^-10 / e^10, floored
+    np.testing.assert_allclose(logits[2, 1], (10.0 + gate - 7 * 10.0) / 8, atol=1e-3)
+    assert (np.delete(logits, 1, axis=1) < -9.0).all()  # no other vertebra on the slice
+    # k = 1: the single strongest pixel.
+    one = heads.fracture_evidence(jnp.asarray(seg[:1].repeat(2, 0)), jnp.asarray(fracture[1:]), 1)
+    np.testing.assert_allclose(np.asarray(one)[:, 1], [10.0, 10.0 + gate], atol=1e-3)
 
 
 @pytest.mark.parametrize("knots", [heads.Z_KNOTS, (-3.0, 0.0, 0.5, 7.0)])

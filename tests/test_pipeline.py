@@ -14,6 +14,7 @@ DATA = {
     "fracture_focus": 0.0,
     "positive_oversample": 1.0,
     "mask_oversample": 1.0,
+    "stream": {"slices": 0, "boxed": 0.5},
     "augment": {
         "flip": True,
         "rotate_deg": 10.0,
@@ -98,6 +99,42 @@ def test_batch_shapes_and_dtypes(entries):
     assert (np.abs(shift) <= 0.05 * GRID).all() and len(np.unique(angle)) == 4  # one per study
     assert batch["mask"].max() <= 7  # thoracic labels are background for the seg head
     assert np.isfinite(batch["image"]).all()
+
+
+def test_fracture_stream_draws_located_slices_across_studies(entries):
+    """Each example carries stream.slices / B slices of any training study whose fractures
+    are located, each the cached slice at its centre (read back from the position channel;
+    augmentation off) with its box map: about `boxed` of them boxed, a positive study without
+    boxes never drawn, slices of many studies in one batch."""
+    aug = {**DATA["augment"], "flip": False, "intensity": 0.0, "noise": 0.0}
+    data = {**DATA, "augment": aug, "stream": {"slices": 8, "boxed": 0.75}}
+    no_boxes = cache.Entry(**{**entries[0].__dict__, "has_boxes": False})  # positive, unknown
+    studies = [no_boxes, *entries[1:]]
+    pool = pipeline.FracturePool.of(studies)
+    assert 0 not in pool.boxed[:, 0] and 0 not in pool.clear[:, 0]
+    assert len(pool.boxed) + len(pool.clear) == sum(e.num_slices for e in entries[1:])
+    it = pipeline.iterate(pipeline.train_dataset(studies, data, seed=3, global_batch=4))
+    boxed, owners = [], set()
+    for batch in _batches(it, 10):
+        assert batch["stream_image"].shape == (4, 2, GRID, GRID, CONTEXT * WINDOWS + 1)
+        assert batch["stream_fracture"].shape == (4, 2, GRID, GRID)
+        assert batch["stream_warp"].shape == (4, 2, 4)
+        for image, fracture in zip(
+            batch["stream_image"].reshape(8, GRID, GRID, -1),
+            batch["stream_fracture"].reshape(8, GRID, GRID),
+            strict=True,
+        ):
+            # Slice z holds 10 * z + window: the image names its slice, the position channel
+            # z / (num_slices - 1) then the study (each has its own length).
+            z = int(round(image[0, 0, (CONTEXT // 2) * WINDOWS] * 255)) // 10
+            position = image[0, 0, -1]
+            if z:
+                owners.add(int(round(z / position)) + 1)
+            assert fracture.any() == (z == 3)  # every study's box is on slice 3
+            boxed.append(fracture.any())
+    assert owners <= {e.num_slices for e in entries[1:]}
+    assert 0.6 < np.mean(boxed) < 0.9
+    assert len(owners) > 3
 
 
 def test_training_batch_is_the_cache_at_the_sampled_slices_flipped_alike(textured):

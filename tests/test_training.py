@@ -333,3 +333,18 @@ def test_evaluate_reproduces_the_metrics_training_printed(data_env, tmp_path):
     with open(run / "eval" / "submission.csv") as f:
         rows = f.read().splitlines()
     assert rows[0] == "row_id,fractured" and len(rows) == 1 + 8 * 4  # 4 held-out studies
+
+    # The test set (4 tiny phantoms of another seed): scored with the held-out thresholds,
+    # saved with the same names, printed beside the held-out column.
+    with open(run / "test_metrics.json") as f:
+        test = json.load(f)
+    assert test.keys() == trained.keys() and test["studies"] == 4
+    assert test["thresholds"] == trained["thresholds"]
+    assert test["thresholds_from"].startswith(str(run / "metrics.json"))
+    assert "test (4 studies, never selected on)" in printed
+    test_uids = {
+        r.split(",")[0].rsplit("_", 1)[0]
+        for r in (run / "test" / "submission.csv").read_text().splitlines()[1:]
+    }
+    held_uids = {r.split(",")[0].rsplit("_", 1)[0] for r in rows[1:]}
+    assert len(test_uids) == 4 and not test_uids & held_uids

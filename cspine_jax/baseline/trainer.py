@@ -279,7 +279,7 @@ def train_and_evaluate(
 
     # Final: the best stage-2 checkpoint on every slice of every held-out study, as the single
     # model's run ends.
-    return trainer.finish_run(run, workdir, len(held_out), writer, progress=progress)
+    return trainer.finish_run(run, config, workdir, len(held_out), writer, progress=progress)
 
 
 def build_state(

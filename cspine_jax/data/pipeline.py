@@ -22,10 +22,17 @@ Example (leading batch dim B after batching):
   warp:           float32 (4,) in-plane warp the train step applies (`augment.apply_warp`):
                   rotation (rad), scale, shift y, x (pixels); `NO_WARP` outside training
   study_index:    int32   () the study's index in the entry list given to the dataset
+Training examples also carry the fracture stream (`data.stream`): F = stream.slices / B
+slices drawn independently across every training study whose fractures are located, a
+share `stream.boxed` of them touched by a box (`FracturePool`, `StreamSlices`):
+  stream_image:    float32 (F, G, G, C) as `image`, each slice flipped and jittered alone
+  stream_fracture: int32   (F, G, G) 1 inside the slice's fracture boxes
+  stream_warp:     float32 (F, 4) each slice's own in-plane warp
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -139,15 +146,92 @@ def _augment(
     return image, tuple(np.ascontiguousarray(x) for x in labels), warp
 
 
-class SampleStudy(grain.transforms.RandomMap):
-    """cache.Entry (+ its index) -> one training or evaluation example (see module doc)."""
+@dataclasses.dataclass(frozen=True)
+class FracturePool:
+    """Where the fracture stream draws its slices: (entry index, slice) rows over the
+    studies whose fractures are located (boxes, or a negative study: none).
 
-    def __init__(self, data_config: Mapping[str, Any], train: bool):
+    Attributes:
+      entries: the training entries the rows index.
+      boxed: (n, 2) int64, every slice a fracture box touches.
+      clear: (m, 2) int64, every other slice of those studies: negatives, among them the
+        look-alikes of intact vertebrae and the intact levels of fractured studies.
+    """
+
+    entries: Sequence[cache.Entry]
+    boxed: np.ndarray
+    clear: np.ndarray
+
+    @classmethod
+    def of(cls, entries: Sequence[cache.Entry]) -> FracturePool:
+        """The pool of `entries`; a positive study without boxes gives no row (its fracture
+        pixels are unknown)."""
+        boxed, clear = [], []
+        for i, entry in enumerate(entries):
+            positive = entry.labels is not None and entry.labels[0] > 0
+            if positive and not entry.has_boxes:
+                continue
+            on_box = entry.slice_fracture() > 0
+            for rows, where in ((boxed, on_box), (clear, ~on_box)):
+                z = np.flatnonzero(where)
+                rows.append(np.stack([np.full(len(z), i), z], axis=1))
+        stack = lambda rows: np.concatenate(rows or [np.zeros((0, 2))]).astype(np.int64)  # noqa: E731
+        return cls(entries, stack(boxed), stack(clear))
+
+
+class StreamSlices(grain.transforms.RandomMap):
+    """Any element -> `count` slices of a `FracturePool` drawn independently, each boxed with
+    probability `boxed`, each flipped, jittered and given a warp on its own (`_augment`):
+    stream_image (F, G, G, C) as a study's `image`, stream_fracture (F, G, G) int32 box
+    masks, stream_warp (F, 4)."""
+
+    def __init__(
+        self, pool: FracturePool, count: int, data_config: Mapping[str, Any], boxed: float
+    ):
+        if not (len(pool.boxed) and len(pool.clear)):
+            raise ValueError(
+                f"the fracture stream needs boxed and clear slices; the training studies give "
+                f"{len(pool.boxed)} and {len(pool.clear)}"
+            )
+        self.pool, self.count, self.boxed = pool, count, boxed
+        self.context = int(data_config["context"])
+        self.augment = dict(data_config["augment"])
+
+    def random_map(self, element: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        del element
+        images, fractures, warps = [], [], []
+        for _ in range(self.count):
+            rows = self.pool.boxed if rng.random() < self.boxed else self.pool.clear
+            index, z = rows[rng.integers(len(rows))]
+            entry, centre = self.pool.entries[index], np.array([z])
+            image = entry.image()
+            stack = stack_context(image, centre, self.context).astype(np.float32) / 255.0
+            stack, (fracture,), warp = _augment(
+                stack, (np.asarray(entry.fracture()[centre]),), rng, self.augment
+            )
+            images.append(add_position(stack, centre, image.shape[0])[0])
+            fractures.append(fracture[0].astype(np.int32))
+            warps.append(warp)
+        return {
+            "stream_image": np.stack(images),
+            "stream_fracture": np.stack(fractures),
+            "stream_warp": np.stack(warps),
+        }
+
+
+class SampleStudy(grain.transforms.RandomMap):
+    """cache.Entry (+ its index) -> one training or evaluation example (see module doc);
+    with a `StreamSlices`, plus its fracture-stream slices (training)."""
+
+    def __init__(
+        self, data_config: Mapping[str, Any], train: bool, stream: StreamSlices | None = None
+    ):
         # Evaluation examples may see more of a study than training ones (`eval_slices`).
         self.num_slices = int(data_config["num_slices" if train else "eval_slices"])
         self.context = int(data_config["context"])
         self.augment = dict(data_config["augment"]) if train else None
         self.fracture_focus = float(data_config["fracture_focus"])
+        self.stream = stream
 
     def random_map(
         self, element: tuple[int, cache.Entry], rng: np.random.Generator
@@ -189,6 +273,7 @@ class SampleStudy(grain.transforms.RandomMap):
             "z": centres.astype(np.float32),
             "warp": warp,
             "study_index": np.int32(index),
+            **(self.stream.random_map(element, rng) if self.stream is not None else {}),
         }
 
 
@@ -225,8 +310,24 @@ def train_dataset(
     positive studies oversampled by `positive_oversample`, studies with a segmentation by
     `mask_oversample`).
 
-    `sample` turns an (index, entry) into an example; default `SampleStudy` in training mode.
+    `sample` turns an (index, entry) into an example; default `SampleStudy` in training mode
+    with the fracture stream of `data.stream` drawn from these entries.
     """
+    if sample is None:
+        slices = int(data_config["stream"]["slices"])
+        if slices % global_batch:
+            raise ValueError(
+                f"data.stream.slices={slices} does not split over a batch of {global_batch}"
+            )
+        stream = None
+        if slices:
+            stream = StreamSlices(
+                FracturePool.of(entries),
+                slices // global_batch,
+                data_config,
+                float(data_config["stream"]["boxed"]),
+            )
+        sample = SampleStudy(data_config, True, stream)
     indexed = _with_index(entries)
     order = oversampled(
         entries,
@@ -236,7 +337,7 @@ def train_dataset(
     )
     return train_stream(
         [indexed[i] for i in order],
-        sample or SampleStudy(data_config, train=True),
+        sample,
         seed=seed,
         global_batch=global_batch,
         process_index=process_index,

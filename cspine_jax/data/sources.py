@@ -70,6 +70,24 @@ def prepared_cache(data_config: Mapping[str, Any], *, progress: bool = True) -> 
     return cache_dir
 
 
+def test_dir(data_config: Mapping[str, Any]) -> str | None:
+    """The run's test set, a folder nothing is selected on: `test_dir` where set (any
+    RSNA-layout folder with labels); on phantoms, the `test_phantom` set (generated once, as
+    the training phantoms are: their size, mask and box shares, its own seed and count);
+    None on real data without a test_dir."""
+    if data_config["test_dir"]:
+        return data_config["test_dir"]
+    if data_config["dir"] or not data_config["test_phantom"]["num_studies"]:
+        return None
+    spec = {**data_config["phantom"], **data_config["test_phantom"]}
+    if spec["seed"] == data_config["phantom"]["seed"]:
+        raise ValueError(
+            f"data.test_phantom.seed={spec['seed']} is the training phantoms' seed: the test "
+            "set would hold training studies"
+        )
+    return phantom_dir(spec)
+
+
 def split_entries(
     entries: list[cache.Entry], data_config: Mapping[str, Any], seed: int
 ) -> tuple[list[cache.Entry], list[cache.Entry]]:

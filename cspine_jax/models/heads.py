@@ -15,13 +15,13 @@ import numpy as np
 from flax import nnx
 
 from cspine_jax.data.rsna import NUM_VERTEBRAE
-from cspine_jax.models.backbone import conv, group_norm
+from cspine_jax.models.backbone import conv, group_norm, space_to_depth
 
 NUM_CLASSES = 1 + NUM_VERTEBRAE  # background, C1..C7
 
-# Weight every valid slice gets on top of its presence: a vertebra the segmentation finds
-# nowhere (untrained head, a scan cut above it) still gets a study logit, the log-mean-exp over
-# all valid slices, instead of 0/0.
+# Floor of a slice's presence of a vertebra where it gates the study pool (`StudyPool`): a
+# vertebra the levels find nowhere (untrained head, a scan cut above it) still gets a study
+# logit, from its best slice, instead of -inf.
 PRESENCE_FLOOR = 1e-4
 # Output layers start with zero kernels and biases at these priors (as big_vision's zero-init
 # heads): initial predictions are the priors, not random logits of scale 1, and Adam, which moves
@@ -80,7 +80,8 @@ class SegDecoder(nnx.Module):
     features (finest first, strides `strides`) -> logits (N, h, w, NUM_CLASSES + 1) at stride
     `out_stride` (a divisor of strides[0]; the last 1x1 conv predicts the
     strides[0] / out_stride squared sub-pixels of each pixel, `depth_to_space`): the
-    segmentation classes, then the per-pixel fracture logit.
+    segmentation classes, then the per-pixel fracture logit. With `image_features` > 0
+    the input image joins the finest level (`image_skip`).
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class SegDecoder(nnx.Module):
         dtype,
         rngs: nnx.Rngs,
         out_stride: int | None = None,
+        image_features: int = 0,
     ):
         self.factors = tuple(b // a for a, b in zip(strides[:-1], strides[1:], strict=True))
         self.sub_pixels = strides[0] // (out_stride or strides[0])
@@ -111,6 +113,14 @@ class SegDecoder(nnx.Module):
         self.convs = nnx.List(
             [conv(level[i + 1], level[i], 3, 1, dtype, rngs) for i in range(len(level) - 1)]
         )
+        # The image itself into the finest level (its strides[0] x strides[0] patches as
+        # channels): 1-4 mm fracture gaps are a pixel or two on the input, finer than any
+        # feature map the backbone keeps.
+        self.image_skip = (
+            conv(image_features * strides[0] ** 2, level[1], 1, 1, dtype, rngs)
+            if image_features
+            else None
+        )
         self.out_norm = group_norm(level[0], group_size, dtype, rngs)
         self.out = nnx.Conv(
             level[0],
@@ -123,10 +133,14 @@ class SegDecoder(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, features: Sequence[jax.Array]) -> jax.Array:
+    def __call__(self, features: Sequence[jax.Array], image: jax.Array | None = None) -> jax.Array:
+        """features as the backbone gives them; image (N, H, W, C), the backbone's input,
+        where the decoder was built with `image_features`."""
         x = self.top(features[-1])
         for i in reversed(range(len(self.convs))):
             x = _upsample(x, self.factors[i]) + self.laterals[i](features[i])
+            if i == 0 and self.image_skip is not None:
+                x = x + self.image_skip(space_to_depth(image, image.shape[1] // x.shape[1]))
             x = self.convs[i](nnx.silu(self.norms[i](x)))
         return depth_to_space(self.out(nnx.silu(self.out_norm(x))), self.sub_pixels)
 
@@ -142,20 +156,39 @@ def vertebra_presence(seg_logits: jax.Array, window: int) -> jax.Array:
     return probs.max(axis=(1, 2))
 
 
-def fracture_evidence(seg_logits: jax.Array, fracture_logits: jax.Array) -> jax.Array:
-    """Per-slice, per-vertebra fracture logit from the pixel maps: (N, h, w, 8), (N, h, w)
-    -> (N, 7), the logit of the share of vertebra v's area that the fracture map flags,
-    sum(P(v) * P(fracture)) / sum(P(v)).
+# Pixels of the fracture map read per vertebra and slice (`fracture_evidence`): about the
+# stride-2 cells a 1-4 mm gap crossing a cortex covers on one slice.
+EVIDENCE_PIXELS = 8
+# Floor of the gate's ratio, so that its log stays finite.
+_GATE_FLOOR = 1e-9
 
-    A fracture pixel counts for the vertebra the segmentation puts under it, so the level of
-    a fracture comes from where it is, not from a global guess. An area share rather than a
-    maximum: a max over thousands of pixels saturates on the map's scattered false alarms.
+
+def fracture_evidence(
+    seg_logits: jax.Array, fracture_logits: jax.Array, top_k: int = EVIDENCE_PIXELS
+) -> jax.Array:
+    """Per-slice, per-vertebra fracture logit from the pixel maps: (N, h, w, 8), (N, h, w)
+    -> (N, 7), the mean of the `top_k` highest fracture logits over where vertebra v is on
+    the slice: each pixel's logit plus the log of v's probability within a pixel of it,
+    relative to the highest probability of any vertebra on the slice.
+
+    A fracture pixel counts for the vertebra the segmentation puts around it, so the level
+    of a fracture comes from where it is; the gap itself reads as soft tissue, which the
+    segmentation may call background, hence the 3 x 3 neighbourhood. Relative to the
+    slice's most certain vertebra pixel, the gate is 0 on a vertebra's own pixels whether
+    the segmentation is sure (trained) or not (untrained, every class alike), so the
+    evidence stays in the map's own logit units, while a vertebra the trained segmentation
+    does not see on the slice gets the log of its (tiny) probability. The
+    strongest pixels, not the flagged share of the area: a few cells of a thin gap are the
+    whole finding, and their logit is what the map is trained to make confident
+    (`fracture_map_loss`).
     """
     vertebra = jax.nn.softmax(seg_logits.astype(jnp.float32), axis=-1)[..., 1:]
-    fracture = jax.nn.sigmoid(fracture_logits.astype(jnp.float32))[..., None]
-    share = (vertebra * fracture).sum(axis=(1, 2)) / (vertebra.sum(axis=(1, 2)) + 1.0)
-    share = jnp.clip(share, 1e-6, 1 - 1e-6)
-    return jnp.log(share) - jnp.log1p(-share)
+    near = nnx.max_pool(vertebra, (3, 3), strides=(1, 1), padding="SAME")
+    near = near / jnp.maximum(near.max(axis=(1, 2, 3), keepdims=True), _GATE_FLOOR)
+    score = fracture_logits.astype(jnp.float32)[..., None] + jnp.log(near + _GATE_FLOOR)
+    n, h, w, v = score.shape
+    top = jax.lax.top_k(jnp.moveaxis(score.reshape(n, h * w, v), 1, 2), top_k)[0]
+    return top.mean(-1)
 
 
 def slice_embedding(features: jax.Array) -> jax.Array:
@@ -240,7 +273,8 @@ class ZContext(nnx.Module):
     slices can (count down from the skull base and C2's dens). Embeds each slice's features,
     runs `layers` `ZBlock`s along z (0: each slice on its own, the no-context ablation) and
     reads two heads: level logits (is C_v on this slice) and fracture logits (is C_v broken
-    on this slice), the latter added to the pixel evidence.
+    on this slice, read from the sequence without shaping it), the latter added to the pixel
+    evidence.
     x (B, S, F), z (B, S), valid (B, S) -> level logits (B, S, 7), fracture logits (B, S, 7).
     """
 
@@ -274,24 +308,11 @@ class ZContext(nnx.Module):
         for block in self.blocks:
             h = block(h, z, valid)
         h = nnx.silu(self.norm(h))
-        return self.level(h).astype(jnp.float32), self.fracture(h).astype(jnp.float32)
-
-
-def weighted_log_mean_exp(x: jax.Array, weights: jax.Array, axis: int) -> jax.Array:
-    """log(sum(w * exp(x)) / sum(w)) along `axis`; entries with w == 0 are ignored exactly.
-
-    Zero-weight entries contribute an exact 0 (not exp(x) * 0, which overflows to nan for
-    large x), so padding never changes the result. All-zero weights give 0.
-    """
-    active = weights > 0
-    z = jnp.where(active, x, -jnp.inf)
-    peak = jax.lax.stop_gradient(z.max(axis=axis, keepdims=True))
-    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
-    total = (weights * jnp.exp(z - peak)).sum(axis=axis)
-    norm = weights.sum(axis=axis)
-    any_active = norm > 0
-    ratio = jnp.where(any_active, total, 1.0) / jnp.where(any_active, norm, 1.0)
-    return jnp.where(any_active, jnp.log(ratio) + jnp.squeeze(peak, axis), 0.0)
+        # The fracture head reads the sequence, it does not shape it: the study and slice
+        # losses through it would turn the blocks into a per-study fracture memory (the
+        # study loss reaches the map's evidence only detached) and starve the levels.
+        fracture = self.fracture(jax.lax.stop_gradient(h))
+        return self.level(h).astype(jnp.float32), fracture.astype(jnp.float32)
 
 
 def noisy_or_logit(logits: jax.Array, axis: int) -> jax.Array:
@@ -302,33 +323,57 @@ def noisy_or_logit(logits: jax.Array, axis: int) -> jax.Array:
     return jnp.log(-jnp.expm1(log_none)) - log_none
 
 
+# The study pool's affine parameters move CALIBRATION_RATE times faster than Adam's step on
+# a parameter (`StudyPool`): the calibration of the map's logits into study probabilities is
+# a few numbers that must travel several logits within a run of a few hundred steps.
+CALIBRATION_RATE = 10.0
+
+
+class Calibration(nnx.Module):
+    """A per-level affine of logits, rate * (scale * x + bias), whose parameters move
+    `CALIBRATION_RATE` times faster than Adam's step: (..., 7) -> (..., 7). Starts as
+    x + `bias` (default 0)."""
+
+    def __init__(self, bias: float = 0.0):
+        self.scale = nnx.Param(jnp.full((NUM_VERTEBRAE,), 1.0 / CALIBRATION_RATE))
+        self.bias = nnx.Param(jnp.full((NUM_VERTEBRAE,), bias / CALIBRATION_RATE))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return CALIBRATION_RATE * (self.scale[...] * x + self.bias[...])
+
+
 class StudyPool(nnx.Module):
     """Study logits [patient_overall, C1..C7] from per-slice logits, pooled over z.
 
-    C_v: a presence-weighted log-mean-exp at a fixed temperature (a soft max over the slices
-    where the vertebra is) plus a learned bias. The temperature is not learned: while the
-    slice logits are still alike (all of early training) its gradient is rounding noise,
-    which Adam would turn into full-size random steps. patient_overall: the noisy-OR
-    of the seven vertebra probabilities, as a logit, through a learned affine.
-    Sums over slices only, so any S works and slice order does not matter.
+    C_v: the maximum over the slices of the slice logit plus the log of the slice's
+    presence of v (a slice that does not show v does not speak for it), through a learned
+    per-level affine. A maximum, not a mean: the evidence of a fracture is on the few slices
+    it crosses, whatever the number of slices read (a few jittered ones in training, every
+    slice at inference). patient_overall: the noisy-OR of the seven vertebra probabilities,
+    as a logit, through a learned affine. The affines' parameters are scaled by
+    `CALIBRATION_RATE`; they start at the identity, the bias of C_v cancelling the presence
+    prior (`LEVEL_PRIOR`) the untrained levels give every slice.
+    Any S works and slice order does not matter.
     slice_logits (B, S, 7), presence (B, S, 7), valid (B, S) -> (B, 8), float32.
     """
 
-    def __init__(self, temperature: float):
-        self.temperature = float(temperature)
-        self.bias = nnx.Param(jnp.zeros((NUM_VERTEBRAE,)))
-        self.overall_scale = nnx.Param(jnp.ones(()))
+    def __init__(self):
+        rate = CALIBRATION_RATE
+        self.vertebra = Calibration(-math.log(LEVEL_PRIOR))
+        self.overall_scale = nnx.Param(jnp.full((), 1.0 / rate))
         self.overall_bias = nnx.Param(jnp.zeros(()))
 
     def __call__(self, slice_logits: jax.Array, presence: jax.Array, valid: jax.Array) -> jax.Array:
-        slice_logits = slice_logits.astype(jnp.float32)
-        weights = valid.astype(jnp.float32)[..., None] * (
+        rate = CALIBRATION_RATE
+        gated = slice_logits.astype(jnp.float32) + jnp.log(
             presence.astype(jnp.float32) + PRESENCE_FLOOR
         )
-        tau = self.temperature
-        vertebra = tau * weighted_log_mean_exp(slice_logits / tau, weights, axis=1)
-        vertebra = vertebra + self.bias[...]
-        overall = (
+        # Padding rows are out exactly; a study without a valid slice pools to 0.
+        gated = jnp.where(valid[..., None] > 0, gated, -jnp.inf)
+        peak = gated.max(axis=1)
+        peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+        vertebra = self.vertebra(peak)
+        overall = rate * (
             self.overall_scale[...] * noisy_or_logit(vertebra, axis=-1) + self.overall_bias[...]
         )
         return jnp.concatenate([overall[:, None], vertebra], axis=-1)

@@ -18,7 +18,7 @@ then pools (`evaluation.StudyPredictor`).
 Config (`config.model`, declared and commented in configs/default.py): widths, depths,
 decoder_width, dtype, stem_patch, strides, norm_group_size, z_width, z_layers, z_heads,
 presence_window,
-pool_temperature, detach_presence.
+detach_presence, detach_map, image_skip.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from cspine_jax.data.rsna import NEGATIVE_WEIGHTS, NUM_VERTEBRAE, POSITIVE_WEIGH
 from cspine_jax.models.backbone import Backbone, group_norm
 from cspine_jax.models.heads import (
     NUM_CLASSES,
+    Calibration,
     SegDecoder,
     StudyPool,
     ZContext,
@@ -71,6 +72,7 @@ class SingleModel(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         self.presence_window = cfg.presence_window
         self.detach_presence = cfg.detach_presence
+        self.detach_map = cfg.detach_map
         self.backbone = Backbone(
             in_features, widths, depths, strides, group_size, dtype, rngs, cfg.stem_patch
         )
@@ -84,12 +86,16 @@ class SingleModel(nnx.Module):
             dtype,
             rngs,
             out_stride=SEG_STRIDE,
+            image_features=in_features if cfg.image_skip else 0,
         )
         self.feature_norm = group_norm(widths[-1], group_size, dtype, rngs)
         self.zcontext = ZContext(
             2 * widths[-1] + NUM_VERTEBRAE + 1, cfg.z_width, cfg.z_layers, cfg.z_heads, dtype, rngs
         )
-        self.study_pool = StudyPool(cfg.pool_temperature)
+        # The map's evidence in slice logits: its scale moves as the map learns (and the
+        # map is detached from the losses that read it), so a fast affine follows it.
+        self.evidence_calibration = Calibration()
+        self.study_pool = StudyPool()
 
     def encode_slices(self, images: jax.Array) -> dict[str, jax.Array]:
         """Per-slice work, independent across slices (so chunkable).
@@ -99,7 +105,7 @@ class SingleModel(nnx.Module):
         the pixels' vertebra presence and the slice's position channel; all float32.
         """
         features = self.backbone(images)
-        decoded = self.decoder(features).astype(jnp.float32)
+        decoded = self.decoder(features, images).astype(jnp.float32)
         pixel_logits, fracture_logits = decoded[..., :NUM_CLASSES], decoded[..., NUM_CLASSES]
         pooled = slice_embedding(nnx.silu(self.feature_norm(features[-1]))).astype(jnp.float32)
         # What the pixels say is on the slice, as a feature of the sequence: not a path for
@@ -127,36 +133,68 @@ class SingleModel(nnx.Module):
         fracture_logits: jax.Array,
         level_logits: jax.Array,
         context_fracture: jax.Array,
+        detach: bool = True,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Per slice: (N, h, w, 8), (N, h, w), (N, 7), (N, 7) -> seg_logits (N, h, w, 8),
-        slice_logits (N, 7), presence (N, 7) (the level probabilities)."""
+        slice_logits (N, 7), presence (N, 7) (the level probabilities).
+
+        detach: the training-time stop-gradients of `detach_presence` and `detach_map` (the
+        values are the same either way); False where gradients must follow every path to
+        the input (`saliency`)."""
         level = jax.nn.log_sigmoid(level_logits)
         seg_logits = pixel_logits + jnp.pad(level, ((0, 0), (1, 0)))[:, None, None, :]
         presence, located = jax.nn.sigmoid(level_logits), seg_logits
-        if self.detach_presence:
+        if detach and self.detach_presence:
             # Levels are trained by masks only: letting the fracture losses move them would
             # turn presence into free attention that no longer says where C_v is.
             presence = jax.lax.stop_gradient(presence)
             located = jax.lax.stop_gradient(seg_logits)
-        slice_logits = fracture_evidence(located, fracture_logits) + context_fracture
+        evidence = fracture_evidence(located, fracture_logits)
+        if detach and self.detach_map:
+            # The map learns from its pixel losses alone (boxes, the fracture stream): the
+            # study and slice losses through its few strongest pixels would mine hard
+            # negatives, which trains it worse; they calibrate the pool and z-context.
+            evidence = jax.lax.stop_gradient(evidence)
+        slice_logits = self.evidence_calibration(evidence) + context_fracture
         return seg_logits, slice_logits, presence
 
     def pool(self, slice_logits: jax.Array, presence: jax.Array, valid: jax.Array) -> jax.Array:
         """(B, S, 7), (B, S, 7), (B, S) -> study logits (B, 8): [patient_overall, C1..C7]."""
         return self.study_pool(slice_logits, presence, valid)
 
-    def __call__(self, image: jax.Array, valid: jax.Array, z: jax.Array) -> dict[str, jax.Array]:
+    def __call__(
+        self,
+        image: jax.Array,
+        valid: jax.Array,
+        z: jax.Array,
+        stream: jax.Array | None = None,
+        detach: bool = True,
+    ) -> dict[str, jax.Array]:
         """image (B, S, H, W, C), valid (B, S), z (B, S) slice positions in prepared slices ->
         dict of seg_logits (B, S, h, w, 8), level_logits (B, S, 7), slice_logits (B, S, 7),
-        presence (B, S, 7), fracture_logits (B, S, h, w), study_logits (B, 8)."""
+        presence (B, S, 7), fracture_logits (B, S, h, w), study_logits (B, 8).
+
+        stream (B, F, H, W, C), independent slices (the fracture stream), are encoded in the
+        same backbone pass as the studies' slices; their fracture map is returned as
+        stream_fracture_logits (B, F, h, w). detach: `locate`'s."""
         b, s = image.shape[:2]
-        slices = self.encode_slices(image.reshape(b * s, *image.shape[2:]))
+        flat = image.reshape(b * s, *image.shape[2:])
+        if stream is not None:
+            flat = jnp.concatenate([flat, stream.reshape(-1, *stream.shape[2:])])
+        slices = self.encode_slices(flat)
+        extra = {}
+        if stream is not None:
+            extra["stream_fracture_logits"] = slices["fracture_logits"][b * s :].reshape(
+                b, stream.shape[1], *slices["fracture_logits"].shape[1:]
+            )
+            slices = {k: v[: b * s] for k, v in slices.items()}
         level, context_fracture = self.context(slices["embedding"].reshape(b, s, -1), z, valid)
         seg, slice_logits, presence = self.locate(
             slices["pixel_logits"],
             slices["fracture_logits"],
             level.reshape(b * s, -1),
             context_fracture.reshape(b * s, -1),
+            detach,
         )
         per_study = lambda x: x.reshape(b, s, *x.shape[1:])  # noqa: E731
         slice_logits, presence = per_study(slice_logits), per_study(presence)
@@ -167,6 +205,7 @@ class SingleModel(nnx.Module):
             presence=presence,
             fracture_logits=per_study(slices["fracture_logits"]),
             study_logits=self.pool(slice_logits, presence, valid),
+            **extra,
         )
 
 
@@ -322,13 +361,22 @@ def fracture_map_loss(
 
 def loss_ratios(outputs: dict[str, jax.Array], batch: dict[str, jax.Array]) -> dict[str, Ratio]:
     """The study, segmentation, level, slice and fracture-map loss terms as `Ratio`s, in
-    float32."""
+    float32; with the fracture stream's map (`stream_fracture_logits`), its pixel BCE too
+    (`stream`)."""
     seg_ce, seg_dice = segmentation_losses(
         outputs["seg_logits"], batch["mask"], batch["valid"], batch["has_mask"]
     )
     # Where fractures are is known on studies with boxes, and on negative studies: nowhere.
     located = jnp.maximum(batch["has_boxes"], 1.0 - batch["labels"][:, 0])
+    terms = {}
+    if "stream_fracture_logits" in outputs:
+        # Every stream slice comes from a study whose fractures are located.
+        ones = jnp.ones(batch["stream_fracture"].shape[:2], jnp.float32)
+        terms["stream"] = fracture_map_loss(
+            outputs["stream_fracture_logits"], batch["stream_fracture"], ones, ones[:, 0]
+        )
     return dict(
+        **terms,
         study=study_loss(outputs["study_logits"], batch["labels"]),
         seg_ce=seg_ce,
         seg_dice=seg_dice,
