@@ -51,9 +51,21 @@ ROWS = {
         "4 x 4 patch stem, stages at strides 4-32, wider first stages",
         ["model.stem_patch=4", "model.strides=(1,2,2,2)", "model.widths=(32,48,64,96)"],
     ),
-    "mask_oversample": (
-        "studies with a segmentation drawn twice as often",
-        ["data.mask_oversample=2.0"],
+    "no_mask_oversample": (
+        "studies with a segmentation drawn at their share, not twice as often",
+        ["data.mask_oversample=1.0"],
+    ),
+    "no_stream": (
+        "no fracture stream: the map learns from the study bags' slices alone",
+        ["data.stream.slices=0", "loss.stream=0.0"],
+    ),
+    "image_skip": (
+        "finer features: the input image into the decoder's finest level",
+        ["model.image_skip=True"],
+    ),
+    "studies_x3": (
+        "3x the phantoms (720; the held-out fold grows with them, the test set is the same)",
+        ["data.phantom.num_studies=720"],
     ),
     "steps_x3": ("3x the steps (the learning curve out to 3x the budget)", ["optim.steps=1200"]),
 }

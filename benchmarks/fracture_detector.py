@@ -43,14 +43,6 @@ from cspine_jax import augment, optim  # noqa: E402
 from cspine_jax.data import cache, pipeline, sources  # noqa: E402
 from cspine_jax.models import single  # noqa: E402
 
-config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
-)
-flags.DEFINE_integer("steps", 800, "training steps (at most)")
-flags.DEFINE_float("seconds", 0.0, "training seconds (at most; 0: no limit)")
-flags.DEFINE_integer("batch", 32, "stream slices per step")
-flags.DEFINE_integer("eval_every", 100, "steps between evaluations")
-F = flags.FLAGS
 
 
 def map_fn(graphdef, params):
@@ -98,7 +90,7 @@ def train_detector(
 
         def loss_fn(p):
             logits = nnx.merge(graphdef, p).encode_slices(batch["stream_image"][0])
-            ones = jnp.ones((1, batch))
+            ones = jnp.ones(batch["stream_image"].shape[:2])
             return single.ratio_value(
                 single.fracture_map_loss(
                     logits["fracture_logits"][None], batch["stream_fracture"], ones, ones[:, 0]
@@ -133,11 +125,19 @@ def train_detector(
 
 def main(argv):
     del argv
-    result = train_detector(F.config, F.steps, F.seconds, F.batch, F.eval_every)
+    f = flags.FLAGS
+    result = train_detector(f.config, f.steps, f.seconds, f.batch, f.eval_every)
     print(
         f"detector_study_auc={result['study_auc']:.3f} detector_slice_auc={result['slice_auc']:.3f}"
     )
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only as a script: map_side_by_side imports this module
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
+    )
+    flags.DEFINE_integer("steps", 800, "training steps (at most)")
+    flags.DEFINE_float("seconds", 0.0, "training seconds (at most; 0: no limit)")
+    flags.DEFINE_integer("batch", 32, "stream slices per step")
+    flags.DEFINE_integer("eval_every", 100, "steps between evaluations")
     app.run(main)

@@ -53,15 +53,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.positive_oversample = 1.0  # sampling weight multiplier of positive studies
     # ... and of studies with a segmentation: the only ones that teach the levels and the
     # vertebrae's outlines (30 % of the phantoms, 4 % of the real training set).
-    c.data.mask_oversample = 1.0
+    # Twice their share (30 % -> ~46 % of the bags) is what lets C1 and C7 be told apart.
+    c.data.mask_oversample = 2.0
     c.data.fracture_focus = 1.0  # chance a z bin holding boxed slices samples one of them
     # The fracture stream (`pipeline.FracturePool`): besides the study bags, `slices` slices a
     # step (global; a multiple of optim.batch_size) drawn independently across every training
     # study whose fractures are located (boxes, or a negative study), a share `boxed` of them
     # touched by a box, the others negatives (look-alikes, intact levels). They train the
     # fracture map through the same backbone and decoder, in the same step. The map alone
-    # learns from such slices and stays at chance fed whole-study bags
-    # (benchmarks/fracture_detector.py --slices_per_study).
+    # learns from such slices (benchmarks/fracture_detector.py) and stayed at chance fed
+    # only whole-study bags (2 studies x 16 slices).
     c.data.stream = ml_collections.ConfigDict(dict(slices=32, boxed=0.5))
     # Without the in-plane warp (applied in the train step: `cspine_jax.augment`) a slice
     # classifier memorises the 192 training studies within ~300 steps and stays at chance on

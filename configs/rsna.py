@@ -30,6 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Only 87 of the 2019 studies have a segmentation, the only teachers of the levels and
     # outlines: x4 makes ~15 % of the draws (~5 studies a step) masked instead of ~4 %.
     c.data.mask_oversample = 4.0
+    # The fracture stream can only draw from located studies: the 235 with boxes (~12 %) and
+    # the ~1,000 negatives (`pipeline.FracturePool`). Half of 64 boxed adds 32 box slices a
+    # step to the bags' few (~4 boxed studies of 32, a box slice or two each), at 64 more
+    # 384-pixel slices to the bags' 256.
+    c.data.stream.update(slices=64, boxed=0.5)
     c.data.augment.update(rotate_deg=10.0, scale=0.1, noise=0.02)
     c.model.widths = (32, 64, 128, 256)
     c.model.depths = (2, 2, 3, 3)

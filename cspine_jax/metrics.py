@@ -146,6 +146,10 @@ def study_metrics(
     positives, negatives = y_true[:, 0].sum(), (~y_true[:, 0]).sum()
     tp = np.sum(patient_pred & y_true[:, 0])
     tn = np.sum(~patient_pred & ~y_true[:, 0])
+    # How far apart a confident map pushes the studies: the mean patient probability of the
+    # fractured and of the intact studies (their AUC is auc_patient_overall).
+    out["mean_prob_fractured"] = float(y_prob[y_true[:, 0], 0].mean()) if positives else np.nan
+    out["mean_prob_intact"] = float(y_prob[~y_true[:, 0], 0].mean()) if negatives else np.nan
     out["sensitivity"] = float(tp / positives) if positives else float("nan")
     out["specificity"] = float(tn / negatives) if negatives else float("nan")
     out["threshold"] = t[LABEL_COLUMNS[0]]
@@ -186,9 +190,9 @@ def undefined_reasons(values: Mapping[str, float]) -> dict[str, str]:
             reason = f"{kind} on {where}" if kind else reason
         elif key == "auc_mean_vertebra":
             reason = f"no vertebra with both positives and negatives on {where}"
-        elif key == "sensitivity":
+        elif key in ("sensitivity", "mean_prob_fractured"):
             reason = f"no positive (patient_overall) study among {where}"
-        elif key == "specificity":
+        elif key in ("specificity", "mean_prob_intact"):
             reason = f"no negative (patient_overall) study among {where}"
         elif key.startswith(("dice_", "iou_")):
             reason = f"{label} neither in the masks nor predicted"

@@ -49,9 +49,9 @@ def make_loss_ratios(
     """(params, batch) -> the loss terms as `single.Ratio`s: `loss_fn(model, batch)`, by default
     SingleModel's `loss_ratios` on the batch warped in-plane (`augment.apply_warp`, and each
     fracture-stream slice by its own warp)."""
-    channels = single.input_channels(config) - 1
 
     def single_model_loss(model, batch):
+        channels = single.input_channels(config) - 1
         batch = augment.apply_warp(batch, channels)
         if "stream_image" in batch:
             batch = augment.apply_stream_warps(batch, channels)
@@ -394,10 +394,10 @@ def finish_run(
                 if np.isfinite(v):
                     writer.add_scalar(f"{prefix}/{k}", v, step)
         writer.close()
-        print(f"results of the best checkpoint (step {step}):")
         columns = {f"held-out ({num_held_out} studies)": results}
         if test:
             columns[f"test ({int(test['studies'])} studies, never selected on)"] = test
+        print(f"held-out results of the best checkpoint (step {step}){' and test' * bool(test)}:")
         print(evaluation.format_table(*columns.values(), headers=list(columns)))
     multihost_utils.sync_global_devices("evaluated")
     return results

@@ -60,6 +60,8 @@ def test_study_metrics_agree_with_scikit_learn():
     tn, fp, fn, tp = skm.confusion_matrix(y[:, 0], p[:, 0] >= 0.5).ravel()
     assert out["sensitivity"] == pytest.approx(tp / (tp + fn))
     assert out["specificity"] == pytest.approx(tn / (tn + fp))
+    assert out["mean_prob_fractured"] == pytest.approx(p[y[:, 0] > 0, 0].mean())
+    assert out["mean_prob_intact"] == pytest.approx(p[y[:, 0] == 0, 0].mean())
     assert out["competition_loss"] == pytest.approx(_direct(y, p))
 
 
@@ -146,6 +148,7 @@ def test_one_class_labels_fall_back_and_say_why():
     background_only[0, 0] = 5
     reasons = metrics.undefined_reasons({**negatives, **metrics.dice_iou(background_only)})
     assert reasons["sensitivity"].startswith("no positive")
+    assert reasons["mean_prob_fractured"].startswith("no positive")
     assert reasons["auc_C7"] == "only negatives on these 40 studies"
     assert "auc_mean_vertebra" in reasons and "specificity" not in reasons
     assert reasons["dice_C4"] == "C4 neither in the masks nor predicted"

@@ -8,6 +8,7 @@ user would, over one phantom set and cache shared by the whole session (conftest
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -75,10 +76,13 @@ def test_sharded_step_equals_single_device_step(data_env):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * norm, err_msg=name)
         if np.abs(a).max() < 1e-6 * norm:
             rounding_level.append(name)
-    # Adam divides by the gradient's own scale, so a coordinate whose gradient is pure
-    # rounding noise moves by a noise-driven step on either mesh; every other parameter
-    # must agree to 1e-5.
-    assert len(rounding_level) <= 2, rounding_level
+    # Adam divides by the gradient's own scale, so a coordinate whose gradient is at rounding
+    # level moves by a noise-driven step on either mesh; every other parameter must agree
+    # to 1e-5. Only the z-context attention's queries, keys and distance bias may be there:
+    # their gradients vanish while its weights are near uniform (only the masked studies'
+    # level loss trains them), beside the rate-scaled calibrations that set the norm.
+    attention = re.compile(r"\['zcontext'\]\['blocks'\]\[\d+\]\['(query|key|bias)'\]")
+    assert all(attention.match(name) for name in rounding_level), rounding_level
     changed = 0
     for name, a, b, old in zip(
         names, jax.tree.leaves(p1), jax.tree.leaves(p8), jax.tree.leaves(before), strict=True
@@ -141,12 +145,18 @@ def accumulation(tmp_path_factory):
             (False, False, False),
         ],
     )
+    # Box-less studies give the fracture stream nothing to draw: balanced trains without it,
+    # mixed with it (its slices are averaged per micro-batch too).
+    without_stream = config.data.copy_and_resolve_references()
+    without_stream.stream.slices = 0
     batches = {
-        name: next(
-            pipeline.iterate(pipeline.train_dataset(entries, config.data, seed=0, global_batch=4))
+        name: next(pipeline.iterate(pipeline.train_dataset(entries, data, seed=0, global_batch=4)))
+        for name, entries, data in (
+            ("balanced", balanced, without_stream),
+            ("mixed", mixed, config.data),
         )
-        for name, entries in (("balanced", balanced), ("mixed", mixed))
     }
+    assert "stream_image" in batches["mixed"]
     assert batches["balanced"]["has_mask"].all()
     has_mask = batches["mixed"]["has_mask"]
     assert has_mask[:2].sum() != has_mask[2:].sum(), has_mask  # micro-batches differ

@@ -191,7 +191,8 @@ class StreamSlices(grain.transforms.RandomMap):
         if not (len(pool.boxed) and len(pool.clear)):
             raise ValueError(
                 f"the fracture stream needs boxed and clear slices; the training studies give "
-                f"{len(pool.boxed)} and {len(pool.clear)}"
+                f"{len(pool.boxed)} and {len(pool.clear)} (data.stream.slices=0 trains "
+                "without it)"
             )
         self.pool, self.count, self.boxed = pool, count, boxed
         self.context = int(data_config["context"])
