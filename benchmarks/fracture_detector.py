@@ -44,7 +44,6 @@ from cspine_jax.data import cache, pipeline, sources  # noqa: E402
 from cspine_jax.models import single  # noqa: E402
 
 
-
 def map_fn(graphdef, params):
     """The trained map as `map_scores.MapFn`."""
     predict = jax.jit(
