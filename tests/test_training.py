@@ -352,9 +352,10 @@ def test_evaluate_reproduces_the_metrics_training_printed(data_env, tmp_path):
     assert test["thresholds"] == trained["thresholds"]
     assert test["thresholds_from"].startswith(str(run / "metrics.json"))
     assert "test (4 studies, never selected on)" in printed
-    test_uids = {
-        r.split(",")[0].rsplit("_", 1)[0]
-        for r in (run / "test" / "submission.csv").read_text().splitlines()[1:]
-    }
-    held_uids = {r.split(",")[0].rsplit("_", 1)[0] for r in rows[1:]}
+
+    def study_uids(submission_rows):  # row_id: <uid>_patient_overall or <uid>_C<v>
+        return {re.sub(r"_(patient_overall|C[1-7])$", "", r.split(",")[0]) for r in submission_rows}
+
+    test_uids = study_uids((run / "test" / "submission.csv").read_text().splitlines()[1:])
+    held_uids = study_uids(rows[1:])
     assert len(test_uids) == 4 and not test_uids & held_uids
