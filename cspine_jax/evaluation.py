@@ -30,6 +30,7 @@ from tensorboardX import SummaryWriter
 
 from cspine_jax import checkpoints, metrics, report, systems
 from cspine_jax.data import cache, pipeline, rsna, sources
+from cspine_jax.metrics import ThresholdsError
 from cspine_jax.models.heads import label_grid
 from cspine_jax.systems import Predictor, StudyPrediction
 
@@ -314,10 +315,6 @@ def write_metrics(path: str, values: Mapping[str, float], **kwargs) -> str:
     with open(path, "w") as f:
         f.write(text + "\n")
     return path
-
-
-class ThresholdsError(ValueError):
-    """A run's metrics.json holds no usable decision thresholds (the message names it)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ from configs import default, rsna, tiny
 from cspine_jax.data.rsna import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS
 from cspine_jax.models import heads
 from cspine_jax.models import single as sn
+from tests.helpers import wake_context
 
 B, S, GRID = 2, 4, 32
 CONFIGS = dict(tiny=tiny.get_config, default=default.get_config, rsna=rsna.get_config)
@@ -66,27 +67,10 @@ def _batch(config, seed=0):
     return jax.tree.map(jnp.asarray, batch)
 
 
-def _wake_context(model, seed=0):
-    """`model`'s z-context with random values in its zero-initialised parameters.
-
-    At initialisation the distance biases are 0 (attention ignores z) and the level and
-    fracture read-outs are 0 (every slice gets the same prior level logits whatever its
-    neighbours), so a test of how the outputs depend on z, on padding or on other slices would
-    pass vacuously. Works on a `SingleModel` or a bare `heads.ZContext`.
-    """
-    rng = np.random.default_rng(seed)
-    zcontext = getattr(model, "zcontext", model)
-    for block in zcontext.blocks:
-        block.bias[...] = jnp.asarray(rng.normal(0.0, 1.0, block.bias.shape), jnp.float32)
-    for head in (zcontext.level, zcontext.fracture):
-        head.kernel[...] = jnp.asarray(rng.normal(0.0, 0.5, head.kernel.shape), jnp.float32)
-    return model
-
-
 class _Jitted:
     """The project's style: nnx.split once, plain jax.jit over the state.
 
-    `state` is the model as initialised; `awake` the same model with `_wake_context` applied
+    `state` is the model as initialised; `awake` the same model with `wake_context` applied
     (same structure, so the same compiled programs take either).
     """
 
@@ -94,7 +78,7 @@ class _Jitted:
         self.config = config
         self.model = sn.create_model(config, seed)
         self.graphdef, self.state = nnx.split(self.model)
-        _, self.awake = nnx.split(_wake_context(sn.create_model(config, seed), seed + 1))
+        _, self.awake = nnx.split(wake_context(sn.create_model(config, seed), seed + 1))
         merge = lambda state: nnx.merge(self.graphdef, state)  # noqa: E731
         self.forward = jax.jit(lambda state, image, valid, z: merge(state)(image, valid, z))
         self.encode = jax.jit(lambda state, images: merge(state).encode_slices(images))
@@ -449,7 +433,7 @@ def test_hats_interpolate_like_np_interp(knots):
 
 def _zcontext(layers, features=12, seed=0):
     module = heads.ZContext(features, 16, layers, 2, jnp.float32, nnx.Rngs(seed))
-    return _wake_context(module, seed + 1)
+    return wake_context(module, seed + 1)
 
 
 def _context_inputs(seed=0, num_slices=6, features=12):
