@@ -603,3 +603,32 @@ def test_attention_keys_have_no_bias_and_query_value_biases_matter():
             bias[...] = bias[...] + jnp.asarray(rng.normal(0, 1, bias.shape), jnp.float32)
         got, _ = moved(x, z, valid)
         assert float(jnp.abs(got - level).max()) > 1e-3, name
+
+
+@pytest.mark.parametrize("detach_map", [True, False])
+def test_fracture_losses_do_not_reach_the_level_logits(awake_model, detach_map):
+    """`detach_presence`: the study and slice losses leave the level read-out of z-context
+    untouched, whether or not the map is detached too (`detach_map`, which alone would cut
+    the path through the segmentation); with every path open (detach=False) they reach it."""
+    config, shared = awake_model
+    assert config.model.detach_presence
+    model = nnx.merge(*nnx.split(shared))  # a copy: the fixture is shared
+    model.detach_map = detach_map
+    graphdef, state = nnx.split(model)
+    batch = _batch(_tiny_config())
+
+    def fracture_losses(state, detach):
+        out = nnx.merge(graphdef, state)(batch["image"], batch["valid"], batch["z"], detach=detach)
+        located = jnp.ones(B)
+        study = sn.study_loss(out["study_logits"], batch["labels"])
+        slices = sn.slice_loss(
+            out["slice_logits"], batch["slice_fracture"], batch["valid"], located
+        )
+        return sn.ratio_value(study) + sn.ratio_value(slices)
+
+    for detach, reaches in ((True, False), (False, True)):
+        grads = jax.grad(fracture_losses)(state, detach)
+        level = np.abs(np.asarray(grads["zcontext"]["level"]["kernel"][...])).max()
+        fracture = np.abs(np.asarray(grads["zcontext"]["fracture"]["kernel"][...])).max()
+        assert fracture > 0, detach  # the losses do reach z-context, through its fracture head
+        assert (level > 0) == reaches, (detach, level)
