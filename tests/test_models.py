@@ -1,5 +1,7 @@
 """SingleModel: shapes and sizes per config, z-context and pooling invariances, the level
-gate on the segmentation, chunked inference, losses, a short overfit and bf16 compute.
+gate on the segmentation, losses and the detached presence, a short overfit and bf16
+compute. Chunked whole-study inference is tested against the forward pass in
+tests/test_evaluation.py.
 
 Every jitted function is built once per module (fixtures) and called at one shape where
 possible: compilation, not compute, is what costs time on the 2-core CI machine.
@@ -81,8 +83,6 @@ class _Jitted:
         _, self.awake = nnx.split(wake_context(sn.create_model(config, seed), seed + 1))
         merge = lambda state: nnx.merge(self.graphdef, state)  # noqa: E731
         self.forward = jax.jit(lambda state, image, valid, z: merge(state)(image, valid, z))
-        self.encode = jax.jit(lambda state, images: merge(state).encode_slices(images))
-        self.context = jax.jit(lambda state, *args: merge(state).context(*args))
         self.locate = jax.jit(lambda state, *args: merge(state).locate(*args))
         self.pool = jax.jit(lambda state, *args: merge(state).pool(*args))
 
@@ -189,50 +189,6 @@ def test_pool_follows_presence(net):
     assert float(study[0, 3]) > 2.0 > -2.0 > float(study[0, 5])
     # patient_overall is the noisy-OR of the vertebrae: at least the most likely one.
     assert float(study[0, 0]) >= float(study[0, 1:].max())
-
-
-def test_chunked_encode_context_over_the_study_chunked_locate_pool_equals_forward(net):
-    """Whole-study inference's order (`evaluation.StudyPredictor`): encode in chunks that cut
-    across studies, z-context once over each whole study, locate in chunks, then pool."""
-    batch = _batch(net.config)
-    z = batch["z"] * 2.0 + 1.0
-    full = net.forward(net.awake, batch["image"], batch["valid"], z)
-    images = batch["image"].reshape(B * S, GRID, GRID, -1)
-    chunks = [net.encode(net.awake, images[i : i + 3]) for i in range(0, B * S, 3)]
-    encoded = {k: jnp.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    assert encoded["embedding"].shape == (B * S, net.model.zcontext.embed.in_features)
-    np.testing.assert_allclose(
-        encoded["fracture_logits"].reshape(full["fracture_logits"].shape),
-        full["fracture_logits"],
-        rtol=1e-4,
-        atol=1e-4,
-    )
-
-    level, context_fracture = net.context(
-        net.awake, encoded["embedding"].reshape(B, S, -1), z, batch["valid"]
-    )
-    np.testing.assert_allclose(level, full["level_logits"], rtol=1e-4, atol=1e-4)
-    level, context_fracture = level.reshape(B * S, 7), context_fracture.reshape(B * S, 7)
-
-    parts = [
-        net.locate(
-            net.awake,
-            encoded["pixel_logits"][i : i + 3],
-            encoded["fracture_logits"][i : i + 3],
-            level[i : i + 3],
-            context_fracture[i : i + 3],
-        )
-        for i in range(0, B * S, 3)
-    ]
-    seg, slices, presence = (jnp.concatenate(p) for p in zip(*parts, strict=True))
-    np.testing.assert_allclose(
-        seg.reshape(full["seg_logits"].shape), full["seg_logits"], rtol=1e-4, atol=1e-4
-    )
-    slices, presence = slices.reshape(B, S, 7), presence.reshape(B, S, 7)
-    np.testing.assert_allclose(slices, full["slice_logits"], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(presence, full["presence"], rtol=1e-4, atol=1e-4)
-    study = net.pool(net.awake, slices, presence, batch["valid"])
-    np.testing.assert_allclose(study, full["study_logits"], rtol=1e-4, atol=1e-4)
 
 
 def _outputs(batch, study_logits, seg_logits=None, level_logits=None):
