@@ -209,9 +209,11 @@ def _error_line(result) -> str:
 
 
 @pytest.mark.slow
-def test_cli_errors_are_one_line_and_exit_1(env, tiny_run, tiny_study, tmp_path):
+def test_cli_errors_are_one_line_and_exit_1(env, tiny_study, tmp_path):
     out = tmp_path / "out"
     folder, _ = tiny_study
+    tiny_run = str(tmp_path / "run")  # a run to score with: only the study is at fault
+    save_random_heads_run(tiny_run)
     not_dicom = tmp_path / "notes"
     not_dicom.mkdir()
     (not_dicom / "readme.txt").write_text("not a CT")
