@@ -212,18 +212,18 @@ def _error_line(result) -> str:
 def test_cli_errors_are_one_line_and_exit_1(env, tiny_study, tmp_path):
     out = tmp_path / "out"
     folder, _ = tiny_study
-    tiny_run = str(tmp_path / "run")  # a run to score with: only the study is at fault
-    save_random_heads_run(tiny_run)
+    run = str(tmp_path / "run")  # a run to score with: only the study is at fault
+    save_random_heads_run(run)
     not_dicom = tmp_path / "notes"
     not_dicom.mkdir()
     (not_dicom / "readme.txt").write_text("not a CT")
-    line = _error_line(_predict(env, str(not_dicom), f"--workdir={tiny_run}", f"--out={out}"))
+    line = _error_line(_predict(env, str(not_dicom), f"--workdir={run}", f"--out={out}"))
     assert "no DICOM files" in line, line
 
     # A folder of studies (an RSNA train_images/): the hint names one study's folder.
     studies = tmp_path / "train_images"
     shutil.copytree(folder, studies / "study0")
-    line = _error_line(_predict(env, str(studies), f"--workdir={tiny_run}", f"--out={out}"))
+    line = _error_line(_predict(env, str(studies), f"--workdir={run}", f"--out={out}"))
     assert "sub-folder" in line and f"e.g. {studies / 'study0'}" in line, line
 
     # A study with a file cut short (a copy interrupted): that file, named.
@@ -231,7 +231,7 @@ def test_cli_errors_are_one_line_and_exit_1(env, tiny_study, tmp_path):
     shutil.copytree(folder, truncated)
     broken = sorted(truncated.glob("*.dcm"))[len(list(truncated.glob("*.dcm"))) // 2]
     broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
-    line = _error_line(_predict(env, str(truncated), f"--workdir={tiny_run}", f"--out={out}"))
+    line = _error_line(_predict(env, str(truncated), f"--workdir={run}", f"--out={out}"))
     assert str(broken) in line, line
 
     line = _error_line(_predict(env, folder, f"--workdir={tmp_path / 'no_run'}", f"--out={out}"))
