@@ -16,7 +16,7 @@ each study entry in the cache must equal the uninterrupted run's, file for file,
 rerun must complete to the same cache.
 
 The last line is `interruption_soak=ok train_kills=N prepare_kills=M`; a failed check raises.
-The kill loops live in tests/helpers.py; tests/test_interruption.py runs them with a
+The kill loops live in benchmarks/interruption.py; tests/test_interruption.py runs them with a
 handful of kills.
 """
 
@@ -31,9 +31,11 @@ import time
 from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run as a script from anywhere: `configs` and `tests` are not installed
+sys.path.insert(
+    0, ROOT
+)  # run as a script from anywhere: `configs` and `benchmarks` are not installed
 
-from tests.helpers import (  # noqa: E402
+from benchmarks.interruption import (  # noqa: E402
     latest_params,
     prepare_cmd,
     soak_prepare,

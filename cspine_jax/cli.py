@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags
 
-from cspine_jax import evaluation, systems
+from cspine_jax import metrics, systems
 from cspine_jax.data import cache, dicom, rsna
 
 # Exceptions whose message names the file or flag at fault: a user's error, not a bug.
@@ -26,7 +26,7 @@ USER_ERRORS = (
     NotADirectoryError,
     FloatingPointError,
     systems.ConfigError,
-    evaluation.ThresholdsError,
+    metrics.ThresholdsError,
 )
 
 

@@ -30,6 +30,7 @@ from tensorboardX import SummaryWriter
 
 from cspine_jax import checkpoints, metrics, report, systems
 from cspine_jax.data import cache, pipeline, rsna, sources
+from cspine_jax.metrics import ThresholdsError
 from cspine_jax.models.heads import label_grid
 from cspine_jax.systems import Predictor, StudyPrediction
 
@@ -52,16 +53,45 @@ def pad_z(x: np.ndarray, length: int) -> np.ndarray:
     return np.pad(x, [(0, length - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
+def z_axes(num_slices: int) -> tuple[np.ndarray, np.ndarray]:
+    """(valid, position), each (L,) float32, of a study of `num_slices` slices padded to L,
+    its length rounded up to `_Z_BUCKET`: 1 on its slices and 0 on the padding; each row's
+    position in prepared slices (0 at the most superior)."""
+    length = -(-num_slices // _Z_BUCKET) * _Z_BUCKET
+    valid = (np.arange(length) < num_slices).astype(np.float32)
+    return valid, np.arange(length, dtype=np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SinglePrediction(StudyPrediction):
+    """A `StudyPrediction` of the single model with the per-slice outputs behind it, on the
+    host, so that the saliency differentiates the same forward pass instead of running
+    the encoder and z-context over the study a second time.
+
+    Attributes:
+      pixels: (z', h, w, 9) float16 each slice's pixel logits (8 classes, before z-context)
+        and, last, its fracture map logits (`SingleModel.encode_slices`).
+      embedding: (z', F) float32 slice embeddings, z-context's input.
+      level_logits: (z', 7) float32 z-context level logits of C1..C7.
+      context_fracture: (z', 7) float32 z-context fracture logits of C1..C7.
+    """
+
+    pixels: np.ndarray
+    embedding: np.ndarray
+    level_logits: np.ndarray
+    context_fracture: np.ndarray
+
+
 class StudyPredictor:
     """Compiled whole-study inference of the single model (process-local, any device count):
-    a `systems.Predictor`.
+    a `systems.Predictor` whose predictions are `SinglePrediction`s.
 
     The model's three parts run as four programs (`models.single`): the per-slice encoder
     over chunks of `chunk` slices, z-context once over every slice, `locate` over chunks
     again, and the pool. Between them the pixel logits wait on the host in float16
-    (z' x h x w x 9 values: 8 MB for a demo study, ~0.6 GB for 1,000 slices at h = 192).
-    z-context and the pool run on the study's length rounded up to `_Z_BUCKET`, so a handful
-    of programs serve every study.
+    (z' x h x w x 9 values: 8 MB for a demo study, ~0.6 GB for 1,000 slices at h = 192),
+    and stay in the prediction for the saliency. z-context and the pool run on the study's
+    length rounded up to `_Z_BUCKET` (`z_axes`), so a handful of programs serve every study.
     """
 
     def __init__(self, model: nnx.Module, context: int, chunk: int = 32):
@@ -93,34 +123,43 @@ class StudyPredictor:
         self.encode, self.context_fn = jax.jit(encode), jax.jit(z_context)
         self._locate, self._pool = jax.jit(locate), jax.jit(pool)
 
-    def __call__(self, image: np.ndarray) -> StudyPrediction:
+    def chunk_rows(self, x: np.ndarray, start: int, num_slices: int) -> np.ndarray:
+        """Rows start .. start + chunk of `x` that are slices of the study (of `num_slices`),
+        zero-padded to `chunk` rows: one compiled program serves every chunk."""
+        return pad_z(x[start : min(start + self.chunk, num_slices)], self.chunk)
+
+    def __call__(self, image: np.ndarray) -> SinglePrediction:
         """image: (z', G, G, n_windows) uint8 prepared study -> its prediction."""
         z = image.shape[0]
         pixels, embedding = encode_chunks(self.encode, self.state, image, self.chunk, self.context)
-        length = -(-z // _Z_BUCKET) * _Z_BUCKET
-        valid = (np.arange(length) < z).astype(np.float32)
-        position = np.arange(length, dtype=np.float32)
-        level, context_fracture = jax.device_get(
-            self.context_fn(self.state, pad_z(embedding, length), position, valid)
+        valid, position = z_axes(z)
+        level, context_fracture = (
+            x[:z]
+            for x in jax.device_get(
+                self.context_fn(self.state, pad_z(embedding, len(valid)), position, valid)
+            )
         )
         parts = []
         for start in range(0, z, self.chunk):
-            rows = slice(start, start + self.chunk)
-            chunk = [pad_z(x[rows], self.chunk) for x in (pixels, level, context_fracture)]
+            chunk = [self.chunk_rows(x, start, z) for x in (pixels, level, context_fracture)]
             out = jax.device_get(self._locate(self.state, *chunk))
             parts.append([x[: min(self.chunk, z - start)] for x in out])
         segmentation, logits_z, presence_z = (np.concatenate(x) for x in zip(*parts, strict=True))
         probs = self._pool(
             self.state,
-            pad_z(logits_z, length)[None],
-            pad_z(presence_z, length)[None],
+            pad_z(logits_z, len(valid))[None],
+            pad_z(presence_z, len(valid))[None],
             valid[None],
         )
-        return StudyPrediction(
+        return SinglePrediction(
             probs=np.asarray(probs[0], np.float32),
             slice_logits=logits_z,
             presence=presence_z,
             segmentation=segmentation,
+            pixels=pixels,
+            embedding=embedding,
+            level_logits=level,
+            context_fracture=context_fracture,
         )
 
 
@@ -276,10 +315,6 @@ def write_metrics(path: str, values: Mapping[str, float], **kwargs) -> str:
     with open(path, "w") as f:
         f.write(text + "\n")
     return path
-
-
-class ThresholdsError(ValueError):
-    """A run's metrics.json holds no usable decision thresholds (the message names it)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,6 +70,11 @@ def one_class(positives: float, studies: float) -> str | None:
     return None
 
 
+class ThresholdsError(ValueError):
+    """A run's metrics.json holds no usable decision thresholds (the message names it):
+    a user's error, reported as one line by `cli`."""
+
+
 def decision_thresholds(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float]:
     """Label -> decision threshold, each label's own Youden's J on these studies.
 

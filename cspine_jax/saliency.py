@@ -26,7 +26,6 @@ from flax import nnx
 from cspine_jax import evaluation
 from cspine_jax.data import pipeline
 from cspine_jax.data.rsna import VERTEBRAE
-from cspine_jax.systems import StudyPrediction
 
 SUSPECT_THRESHOLD = 0.5  # the decision threshold of a run that saved none
 
@@ -66,9 +65,12 @@ class FractureSaliency:
 
     Built on a StudyPredictor and the model's three parts (`models.single`): the gradient
     runs back from the pooled study logits through the pool (whole study, tiny), `locate`
-    (chunk by chunk, from the pixel logits the predictor keeps), z-context (whole study, on
-    the slice embeddings) and the encoder (chunk by chunk), each a program compiled at fixed
-    shapes (chunks and z lengths padded), so only one chunk's activations are alive at a time.
+    (chunk by chunk), z-context (whole study) and the encoder (chunk by chunk), each a
+    program compiled at fixed shapes (chunks and z lengths padded), so only one chunk's
+    activations are alive at a time. The inputs of each backward step are the prediction's
+    own per-slice outputs (`evaluation.SinglePrediction`); each step still re-runs its own
+    part's forward pass for its activations (the encoder's, chunk by chunk, is the one that
+    costs), as holding every chunk's activations would not keep memory bounded.
 
     Raises:
       TypeError: `predictor` is not the single model's (e.g. a two-stage run's), so there
@@ -124,14 +126,19 @@ class FractureSaliency:
         self._context_grad, self._input_grad = jax.jit(context_grad), jax.jit(input_grad)
 
     def __call__(
-        self, image: np.ndarray, levels: np.ndarray, prediction: StudyPrediction | None = None
+        self,
+        image: np.ndarray,
+        levels: np.ndarray,
+        prediction: evaluation.SinglePrediction | None = None,
     ) -> np.ndarray:
         """Saliency of the summed study logits of `levels`.
 
         Args:
           image: (z', G, G, n_windows) uint8 prepared study.
           levels: (7,) weights of the C1..C7 study logits (1 for each suspected level).
-          prediction: the predictor's output for `image`, if already computed.
+          prediction: the predictor's output for `image`, if already computed: its
+            per-slice outputs are the forward pass the gradient runs back through (the
+            encoder runs again only in its backward pass, chunk by chunk).
 
         Returns:
           (z', G, G) float32 |d logits / d voxel|, summed over the windows.
@@ -140,14 +147,8 @@ class FractureSaliency:
         prediction = p(image) if prediction is None else prediction
         z, chunk = image.shape[0], p.chunk
         starts = range(0, z, chunk)
-        length = len(starts) * chunk
-        pad = lambda x: evaluation.pad_z(x, length)  # noqa: E731
-        valid = (np.arange(length) < z).astype(np.float32)
-        position = np.arange(length, dtype=np.float32)
-        pixels, embedding = (
-            pad(x) for x in evaluation.encode_chunks(p.encode, p.state, image, chunk, p.context)
-        )
-        level, context_fracture = jax.device_get(p.context_fn(p.state, embedding, position, valid))
+        valid, position = evaluation.z_axes(z)
+        pad = lambda x: evaluation.pad_z(x, len(valid))  # noqa: E731
         g_slices, g_presence = jax.device_get(
             self._pool_grad(
                 p.state,
@@ -157,26 +158,34 @@ class FractureSaliency:
                 np.asarray(levels, np.float32),
             )
         )
-        g_pixels = np.zeros(pixels.shape, np.float32)
-        g_level, g_fracture = np.zeros_like(level), np.zeros_like(level)
+        g_pixels = np.zeros(prediction.pixels.shape, np.float32)
+        g_level, g_fracture = np.zeros((2, len(valid), g_slices.shape[-1]), np.float32)
         for start in starts:
-            rows = slice(start, start + chunk)
+            rows = slice(start, min(start + chunk, z))
             out = self._locate_grad(
                 p.state,
-                pixels[rows],
-                level[rows],
-                context_fracture[rows],
-                g_slices[rows],
-                g_presence[rows],
+                *(
+                    p.chunk_rows(x, start, z)
+                    for x in (
+                        prediction.pixels,
+                        prediction.level_logits,
+                        prediction.context_fracture,
+                        g_slices,
+                        g_presence,
+                    )
+                ),
             )
-            g_pixels[rows], g_level[rows], g_fracture[rows] = jax.device_get(out)
+            n = rows.stop - start
+            g_pixels[rows], g_level[rows], g_fracture[rows] = (x[:n] for x in jax.device_get(out))
         g_embedding = np.asarray(
-            self._context_grad(p.state, embedding, position, valid, g_level, g_fracture)
+            self._context_grad(
+                p.state, pad(prediction.embedding), position, valid, g_level, g_fracture
+            )
         )
         volume = np.zeros(image.shape, np.float32)
         for start in starts:
-            rows = slice(start, start + chunk)
             stacks, centres = pipeline.chunk_inputs(image, start, chunk, p.context)
-            grads = np.asarray(self._input_grad(p.state, stacks, g_pixels[rows], g_embedding[rows]))
+            cotangents = (p.chunk_rows(x, start, z) for x in (g_pixels, g_embedding))
+            grads = np.asarray(self._input_grad(p.state, stacks, *cotangents))
             unstack_context(grads[: len(centres)], centres, p.context, volume)
         return np.abs(volume).sum(axis=-1)

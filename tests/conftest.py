@@ -53,3 +53,22 @@ def phantom_dir(data_env):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CSPINE_CACHE", data_env[0]["CSPINE_CACHE"])
         return sources.phantom_dir(tiny.get_config().data.phantom)
+
+
+@pytest.fixture(scope="session")
+def awake_model():
+    """(tiny config, its SingleModel) with z-context woken from its zero start
+    (`helpers.wake_context`: otherwise how outputs depend on z, on padding or on other
+    slices is vacuous) and the segmentation's output layer drawn at random (else every
+    pixel logit starts equal). Shared: a test must not change it."""
+    import numpy as np
+
+    from configs import tiny
+    from cspine_jax.models import single
+    from tests.helpers import wake_context
+
+    config = tiny.get_config()
+    model = wake_context(single.create_model(config, config.seed), seed=1)
+    kernel = model.decoder.out.kernel
+    kernel[...] = np.random.default_rng(2).normal(0.0, 0.5, kernel.shape).astype(np.float32)
+    return config, model

@@ -151,3 +151,13 @@ def test_a_cache_is_refused_for_other_studies_or_another_grid(data_env, phantom_
         "--config.data.cache_dir",
     )
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_does_not_import_evaluation():
+    """Every entry point imports `cli`, and evaluation imports data.sources, which imports
+    data.prepare, an entry point: were cli to import evaluation, which module a command
+    found half-initialised would depend on the order of imports."""
+    probe = "import sys, cspine_jax.cli; print('cspine_jax.evaluation' in sys.modules)"
+    result = _run({**os.environ, "JAX_PLATFORMS": "cpu"}, "-c", probe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "False"

@@ -7,12 +7,17 @@ computed on other pixels than the ones trained would misreport the segmentation.
 """
 
 import dataclasses
+import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cspine_jax import evaluation, metrics, systems
+from cspine_jax import checkpoints, evaluation, metrics, systems
+from cspine_jax.data import cache, pipeline, sources
+from cspine_jax.data.rsna import LABEL_COLUMNS
 from cspine_jax.models import heads, single
+from tests.helpers import save_random_heads_run
 
 GRID, SIZE, SLICES = 32, 16, 3  # labels on 32 x 32, segmentation on 16 x 16 (stride 2)
 
@@ -119,3 +124,62 @@ def test_evaluation_dice_and_the_loss_score_the_same_pixels():
     assert ce < 1e-6 and dice_loss < 1e-6, (ce, dice_loss)
     ce, dice_loss = losses(shifted)
     assert ce > 10 and dice_loss > 0.5, (ce, dice_loss)
+
+
+def test_study_predictor_is_the_models_forward_pass_over_every_slice(awake_model):
+    """`StudyPredictor` (chunks, z-context and the pool over a bucket-padded length) against
+    the model's own forward pass over every slice of the study at once, all of them valid at
+    their true z. 37 slices: three chunks of 16, the last one padded, and a z length padded
+    to the bucket (64) for z-context and the pool, which the padding must not reach."""
+    config, model = awake_model
+    context, windows = config.data.context, len(config.data.windows)
+    z, chunk = 37, 16
+    image = np.random.default_rng(0).integers(0, 256, (z, GRID, GRID, windows), np.uint8)
+    got = evaluation.StudyPredictor(model, context, chunk)(image)
+
+    inputs = pipeline.slice_inputs(image, np.arange(z), context)[None]
+    position = np.arange(z, dtype=np.float32)[None]
+    full = jax.device_get(model(inputs, np.ones((1, z), np.float32), position))
+    encoded = jax.device_get(model.encode_slices(inputs[0]))
+    # Pixel logits wait on the host in float16: tolerances downstream of them are float16's.
+    np.testing.assert_allclose(got.embedding, encoded["embedding"], rtol=1e-5, atol=1e-5)
+    pixels = np.concatenate([encoded["pixel_logits"], encoded["fracture_logits"][..., None]], -1)
+    np.testing.assert_allclose(got.pixels, pixels, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(got.level_logits, full["level_logits"][0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.presence, full["presence"][0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.slice_logits, full["slice_logits"][0], rtol=0, atol=2e-2)
+    study = jax.nn.sigmoid(full["study_logits"][0])
+    np.testing.assert_allclose(got.probs, study, rtol=0, atol=2e-3)
+    labels = np.argmax(full["seg_logits"][0], -1)
+    assert got.segmentation.shape == labels.shape and (got.segmentation == labels).mean() > 0.99
+    # What the tolerances rule out: levels that do not depend on the other slices.
+    assert np.ptp(full["level_logits"][0], axis=0).min() > 0.1
+
+
+def test_a_runs_thresholds_are_youdens_j_on_its_held_out_predictions(
+    data_env, tmp_path, monkeypatch
+):
+    """The decision thresholds a run saves (`evaluate_run` on its held-out fold, which
+    `trainer.finish_run` writes into metrics.json) are `metrics.decision_thresholds` of the
+    held-out labels and of the whole-study predictor's probabilities, not a fallback."""
+    env, cache_dir = data_env
+    monkeypatch.setenv("CSPINE_CACHE", env["CSPINE_CACHE"])
+    workdir = tmp_path / "run"
+    save_random_heads_run(str(workdir))
+    values = evaluation.evaluate_run(str(workdir), progress=False)
+    with open(workdir / "eval" / "metrics.json") as f:
+        saved = json.load(f)["thresholds"]
+
+    model, config, _ = checkpoints.load_model(str(workdir))
+    _, held_out = sources.split_entries(cache.read_entries(cache_dir), config.data, config.seed)
+    predictor = evaluation.StudyPredictor(model, config.data.context)
+    probs = np.stack([predictor(entry.image()).probs for entry in held_out])
+    y_true = np.stack([entry.labels for entry in held_out])
+    # Both classes among the held-out studies: patient_overall's threshold is its own.
+    assert 0 < y_true[:, 0].sum() < len(held_out), y_true[:, 0]
+    expected = metrics.decision_thresholds(y_true, probs)
+    assert saved.keys() == expected.keys()
+    for name in LABEL_COLUMNS:
+        np.testing.assert_allclose(saved[name], expected[name], rtol=1e-6, err_msg=name)
+    assert values["threshold"] == saved["patient_overall"]
+    assert saved["patient_overall"] != metrics.FALLBACK_THRESHOLD

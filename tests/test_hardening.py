@@ -35,9 +35,9 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
+from benchmarks.interruption import ROOT, train_cmd
 from cspine_jax import predict
 from cspine_jax.data import cache, dicom, nifti, prepare, rsna
-from tests.helpers import ROOT, train_cmd
 
 PARAMS = {"grid": 16, "spacing_z": 4.0, "crop": 1.0, "windows": [[400.0, 1800.0]]}
 

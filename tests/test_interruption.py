@@ -2,8 +2,8 @@
 mid-deletion of a checkpoint, mid-study), then resume: no listed checkpoint and no cache
 entry is ever half-written, and the result equals an uninterrupted run bitwise.
 
-The kill loops live in tests/helpers.py; benchmarks/interruption_soak.py runs them many more
-times. Every test here starts and kills processes: the whole module is `slow`.
+The kill loops live in benchmarks/interruption.py; benchmarks/interruption_soak.py runs
+them many more times. Every test here starts and kills processes: the whole module is `slow`.
 """
 
 import random
@@ -17,19 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cspine_jax import checkpoints
-from tests.helpers import (
+from benchmarks.interruption import (
     ROOT,
     assert_caches_equal,
     assert_entries_match,
     check_checkpoints,
     latest_params,
     prepare_cmd,
-    run_train,
     soak_prepare,
     soak_training,
     train_cmd,
 )
+from cspine_jax import checkpoints
+from tests.helpers import run_train
 
 pytestmark = pytest.mark.slow
 

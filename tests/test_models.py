@@ -1,5 +1,7 @@
 """SingleModel: shapes and sizes per config, z-context and pooling invariances, the level
-gate on the segmentation, chunked inference, losses, a short overfit and bf16 compute.
+gate on the segmentation, losses and the detached presence, a short overfit and bf16
+compute. Chunked whole-study inference is tested against the forward pass in
+tests/test_evaluation.py.
 
 Every jitted function is built once per module (fixtures) and called at one shape where
 possible: compilation, not compute, is what costs time on the 2-core CI machine.
@@ -16,6 +18,7 @@ from configs import default, rsna, tiny
 from cspine_jax.data.rsna import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS
 from cspine_jax.models import heads
 from cspine_jax.models import single as sn
+from tests.helpers import wake_context
 
 B, S, GRID = 2, 4, 32
 CONFIGS = dict(tiny=tiny.get_config, default=default.get_config, rsna=rsna.get_config)
@@ -66,27 +69,10 @@ def _batch(config, seed=0):
     return jax.tree.map(jnp.asarray, batch)
 
 
-def _wake_context(model, seed=0):
-    """`model`'s z-context with random values in its zero-initialised parameters.
-
-    At initialisation the distance biases are 0 (attention ignores z) and the level and
-    fracture read-outs are 0 (every slice gets the same prior level logits whatever its
-    neighbours), so a test of how the outputs depend on z, on padding or on other slices would
-    pass vacuously. Works on a `SingleModel` or a bare `heads.ZContext`.
-    """
-    rng = np.random.default_rng(seed)
-    zcontext = getattr(model, "zcontext", model)
-    for block in zcontext.blocks:
-        block.bias[...] = jnp.asarray(rng.normal(0.0, 1.0, block.bias.shape), jnp.float32)
-    for head in (zcontext.level, zcontext.fracture):
-        head.kernel[...] = jnp.asarray(rng.normal(0.0, 0.5, head.kernel.shape), jnp.float32)
-    return model
-
-
 class _Jitted:
     """The project's style: nnx.split once, plain jax.jit over the state.
 
-    `state` is the model as initialised; `awake` the same model with `_wake_context` applied
+    `state` is the model as initialised; `awake` the same model with `wake_context` applied
     (same structure, so the same compiled programs take either).
     """
 
@@ -94,11 +80,9 @@ class _Jitted:
         self.config = config
         self.model = sn.create_model(config, seed)
         self.graphdef, self.state = nnx.split(self.model)
-        _, self.awake = nnx.split(_wake_context(sn.create_model(config, seed), seed + 1))
+        _, self.awake = nnx.split(wake_context(sn.create_model(config, seed), seed + 1))
         merge = lambda state: nnx.merge(self.graphdef, state)  # noqa: E731
         self.forward = jax.jit(lambda state, image, valid, z: merge(state)(image, valid, z))
-        self.encode = jax.jit(lambda state, images: merge(state).encode_slices(images))
-        self.context = jax.jit(lambda state, *args: merge(state).context(*args))
         self.locate = jax.jit(lambda state, *args: merge(state).locate(*args))
         self.pool = jax.jit(lambda state, *args: merge(state).pool(*args))
 
@@ -205,50 +189,6 @@ def test_pool_follows_presence(net):
     assert float(study[0, 3]) > 2.0 > -2.0 > float(study[0, 5])
     # patient_overall is the noisy-OR of the vertebrae: at least the most likely one.
     assert float(study[0, 0]) >= float(study[0, 1:].max())
-
-
-def test_chunked_encode_context_over_the_study_chunked_locate_pool_equals_forward(net):
-    """Whole-study inference's order (`evaluation.StudyPredictor`): encode in chunks that cut
-    across studies, z-context once over each whole study, locate in chunks, then pool."""
-    batch = _batch(net.config)
-    z = batch["z"] * 2.0 + 1.0
-    full = net.forward(net.awake, batch["image"], batch["valid"], z)
-    images = batch["image"].reshape(B * S, GRID, GRID, -1)
-    chunks = [net.encode(net.awake, images[i : i + 3]) for i in range(0, B * S, 3)]
-    encoded = {k: jnp.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    assert encoded["embedding"].shape == (B * S, net.model.zcontext.embed.in_features)
-    np.testing.assert_allclose(
-        encoded["fracture_logits"].reshape(full["fracture_logits"].shape),
-        full["fracture_logits"],
-        rtol=1e-4,
-        atol=1e-4,
-    )
-
-    level, context_fracture = net.context(
-        net.awake, encoded["embedding"].reshape(B, S, -1), z, batch["valid"]
-    )
-    np.testing.assert_allclose(level, full["level_logits"], rtol=1e-4, atol=1e-4)
-    level, context_fracture = level.reshape(B * S, 7), context_fracture.reshape(B * S, 7)
-
-    parts = [
-        net.locate(
-            net.awake,
-            encoded["pixel_logits"][i : i + 3],
-            encoded["fracture_logits"][i : i + 3],
-            level[i : i + 3],
-            context_fracture[i : i + 3],
-        )
-        for i in range(0, B * S, 3)
-    ]
-    seg, slices, presence = (jnp.concatenate(p) for p in zip(*parts, strict=True))
-    np.testing.assert_allclose(
-        seg.reshape(full["seg_logits"].shape), full["seg_logits"], rtol=1e-4, atol=1e-4
-    )
-    slices, presence = slices.reshape(B, S, 7), presence.reshape(B, S, 7)
-    np.testing.assert_allclose(slices, full["slice_logits"], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(presence, full["presence"], rtol=1e-4, atol=1e-4)
-    study = net.pool(net.awake, slices, presence, batch["valid"])
-    np.testing.assert_allclose(study, full["study_logits"], rtol=1e-4, atol=1e-4)
 
 
 def _outputs(batch, study_logits, seg_logits=None, level_logits=None):
@@ -449,7 +389,7 @@ def test_hats_interpolate_like_np_interp(knots):
 
 def _zcontext(layers, features=12, seed=0):
     module = heads.ZContext(features, 16, layers, 2, jnp.float32, nnx.Rngs(seed))
-    return _wake_context(module, seed + 1)
+    return wake_context(module, seed + 1)
 
 
 def _context_inputs(seed=0, num_slices=6, features=12):
@@ -619,3 +559,32 @@ def test_attention_keys_have_no_bias_and_query_value_biases_matter():
             bias[...] = bias[...] + jnp.asarray(rng.normal(0, 1, bias.shape), jnp.float32)
         got, _ = moved(x, z, valid)
         assert float(jnp.abs(got - level).max()) > 1e-3, name
+
+
+@pytest.mark.parametrize("detach_map", [True, False])
+def test_fracture_losses_do_not_reach_the_level_logits(awake_model, detach_map):
+    """`detach_presence`: the study and slice losses leave the level read-out of z-context
+    untouched, whether or not the map is detached too (`detach_map`, which alone would cut
+    the path through the segmentation); with every path open (detach=False) they reach it."""
+    config, shared = awake_model
+    assert config.model.detach_presence
+    model = nnx.merge(*nnx.split(shared))  # a copy: the fixture is shared
+    model.detach_map = detach_map
+    graphdef, state = nnx.split(model)
+    batch = _batch(_tiny_config())
+
+    def fracture_losses(state, detach):
+        out = nnx.merge(graphdef, state)(batch["image"], batch["valid"], batch["z"], detach=detach)
+        located = jnp.ones(B)
+        study = sn.study_loss(out["study_logits"], batch["labels"])
+        slices = sn.slice_loss(
+            out["slice_logits"], batch["slice_fracture"], batch["valid"], located
+        )
+        return sn.ratio_value(study) + sn.ratio_value(slices)
+
+    for detach, reaches in ((True, False), (False, True)):
+        grads = jax.grad(fracture_losses)(state, detach)
+        level = np.abs(np.asarray(grads["zcontext"]["level"]["kernel"][...])).max()
+        fracture = np.abs(np.asarray(grads["zcontext"]["fracture"]["kernel"][...])).max()
+        assert fracture > 0, detach  # the losses do reach z-context, through its fracture head
+        assert (level > 0) == reaches, (detach, level)

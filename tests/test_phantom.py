@@ -2,6 +2,8 @@
 
 import csv
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -248,3 +250,34 @@ def test_reverse_numbering_compression_and_unsigned_shares():
     assert 0.12 <= compressed <= 0.28
     assert {"1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.90"} <= set(syntaxes)
     assert 0.08 <= np.mean([p.unsigned for p in plans]) <= 0.22
+
+
+@pytest.mark.slow
+def test_cli_framing_flags_reach_the_studies(tmp_path):
+    """`--fov_scale` and `--off_centre` of `python -m cspine_jax.data.phantom`: each study is
+    the one `generate_study` frames by them (`Framing`), wider than the size's field of view
+    and not the unframed study."""
+    out = tmp_path / "framed"
+    args = ["--size=tiny", "--num_studies=2", "--seed=8", "--workers=1"]
+    framing = ["--fov_scale=1.5", "--off_centre=0.2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "cspine_jax.data.phantom", f"--out={out}", *args, *framing],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, rows = _read_csv(out / "train.csv")
+    expected = phantom.Framing((1.0, 1.5), (0.0, 0.2))
+    for i, row in enumerate(rows):
+        series = load_series(out / "train_images" / row[0])
+        framed = phantom.generate_study(
+            i, 8, "tiny", with_mask=False, with_boxes=False, framing=expected
+        )
+        plain = phantom.generate_study(i, 8, "tiny", with_mask=False, with_boxes=False)
+        np.testing.assert_allclose(series.hu, framed.series.hu, atol=0.51)
+        assert series.hu.shape[1] > plain.series.hu.shape[1], (
+            series.hu.shape,
+            plain.series.hu.shape,
+        )

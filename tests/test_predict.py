@@ -10,11 +10,15 @@ nearly the same probability, too alike for a comparison of probabilities to tell
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from matplotlib import image as mpimg
 
 from cspine_jax import checkpoints, evaluation, report, saliency, triage_figure
@@ -195,23 +199,55 @@ def test_cli_decides_by_the_runs_saved_thresholds(env, tiny_study, tmp_path):
     assert record["suspected"] == ["C2", "C5"] and record["patient_overall_suspected"] is True
 
 
+def _error_line(result) -> str:
+    """The one line on the whole of a failed run's stderr (no warning or traceback beside
+    it), which exited with status 1."""
+    assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("predict: error: "), result.stderr
+    return lines[0]
+
+
 @pytest.mark.slow
-def test_cli_errors_are_one_line_and_exit_1(env, tiny_run, tiny_study, tmp_path):
+def test_cli_errors_are_one_line_and_exit_1(env, tiny_study, tmp_path):
+    out = tmp_path / "out"
+    folder, _ = tiny_study
+    run = str(tmp_path / "run")  # a run to score with: only the study is at fault
+    save_random_heads_run(run)
+
+    # A folder of studies (an RSNA train_images/): the hint names one study's folder.
+    studies = tmp_path / "train_images"
+    shutil.copytree(folder, studies / "study0")
+    line = _error_line(_predict(env, str(studies), f"--workdir={run}", f"--out={out}"))
+    assert "sub-folder" in line and f"e.g. {studies / 'study0'}" in line, line
+
+    # A study with a file cut short (a copy interrupted): that file, named.
+    truncated = tmp_path / "truncated"
+    shutil.copytree(folder, truncated)
+    broken = sorted(truncated.glob("*.dcm"))[len(list(truncated.glob("*.dcm"))) // 2]
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    line = _error_line(_predict(env, str(truncated), f"--workdir={run}", f"--out={out}"))
+    assert str(broken) in line, line
+
+    line = _error_line(_predict(env, folder, f"--workdir={tmp_path / 'no_run'}", f"--out={out}"))
+    assert "no checkpoint" in line, line
+    assert not out.exists() or not list(out.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="dicom.read_series warns of the ignored files on stderr, then raises: two lines "
+    "more than the error (data/dicom.py, issue22-dicom's)",
+)
+def test_cli_error_for_a_folder_without_dicom_files_is_one_line(env, tmp_path):
     not_dicom = tmp_path / "notes"
     not_dicom.mkdir()
     (not_dicom / "readme.txt").write_text("not a CT")
-    result = _predict(env, str(not_dicom), f"--workdir={tiny_run}", f"--out={tmp_path}")
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("predict: error:") and "no DICOM files" in last, result.stderr
-
-    folder, _ = tiny_study
-    empty_run = tmp_path / "no_run"
-    result = _predict(env, folder, f"--workdir={empty_run}", f"--out={tmp_path}")
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("predict: error:") and "no checkpoint" in last, result.stderr
-    assert not list(tmp_path.glob("*.json"))
+    run = str(tmp_path / "run")
+    save_random_heads_run(run)
+    line = _error_line(_predict(env, str(not_dicom), f"--workdir={run}", f"--out={tmp_path}"))
+    assert "no DICOM files" in line, line
 
 
 def test_unstack_context_is_the_adjoint_of_stack_context():
@@ -249,6 +285,36 @@ def test_saliency_is_finite_nonzero_and_independent_of_the_chunk(tiny_run, tiny_
     per_chunk = [chunked.predictor.encode, chunked.predictor._locate]
     per_chunk += [chunked._locate_grad, chunked._input_grad]
     assert [f._cache_size() for f in per_chunk] == [1, 1, 1, 1]
+
+
+def test_saliency_is_autodiff_of_the_models_forward_pass(awake_model):
+    """The chunked backward pass through the prediction's own per-slice outputs equals
+    jax.grad of the model's forward pass over the whole study (every path open:
+    detach=False), for a study of two chunks, the last one padded."""
+    config, model = awake_model
+    context, windows = config.data.context, len(config.data.windows)
+    z, grid = 11, config.data.grid
+    image = np.random.default_rng(0).integers(0, 256, (z, grid, grid, windows), np.uint8)
+    levels = np.zeros(7, np.float32)
+    levels[[1, 4]] = 1.0
+    explain = saliency.FractureSaliency(evaluation.StudyPredictor(model, context, chunk=8))
+    heat = explain(image, levels)
+
+    graphdef, state = nnx.split(model)
+    ones, position = jnp.ones((1, z)), jnp.arange(z, dtype=jnp.float32)[None]
+
+    def selected(stacks):
+        out = nnx.merge(graphdef, state)(stacks[None], ones, position, detach=False)
+        return jnp.sum(out["study_logits"][0, 1:] * levels)
+
+    stacks = pipeline.slice_inputs(image, np.arange(z), context)
+    grads = np.asarray(jax.jit(jax.grad(selected))(stacks))
+    volume = np.zeros(image.shape, np.float32)
+    saliency.unstack_context(grads, np.arange(z), context, volume)
+    expected = np.abs(volume).sum(axis=-1)
+    # The saliency runs back from float16 pixel logits (`StudyPredictor`): float16's tolerance.
+    np.testing.assert_allclose(heat, expected, rtol=0, atol=2e-3 * expected.max())
+    assert expected.max() > 0
 
 
 def test_saliency_needs_the_single_models_slice_logits():

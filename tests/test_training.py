@@ -20,12 +20,13 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from benchmarks.interruption import latest_params, train_cmd
 from configs import tiny
 from cspine_jax import checkpoints, optim, trainer
 from cspine_jax.data import cache, pipeline, sources
 from cspine_jax.data.preprocess import Prepared
 from cspine_jax.models import single
-from tests.helpers import ROOT, latest_params, run_train, train_cmd
+from tests.helpers import ROOT, run_train
 
 
 def test_sharded_step_equals_single_device_step(data_env):

@@ -217,9 +217,9 @@ class SampleStudyStacks(grain.transforms.RandomMap):
         self.stacks = dict(stacks_config)
         if train and self.stacks["train_slices"]:
             self.stacks["num_slices"] = self.stacks["train_slices"]
-        self.context = int(data_config["context"])
-        self.augment = dict(data_config["augment"]) if train else None
-        self.fracture_focus = float(data_config["fracture_focus"])
+        self.context, self.augment, self.fracture_focus = pipeline.sampling_fields(
+            data_config, train
+        )
 
     def random_map(
         self, element: tuple[int, cache.Entry], rng: np.random.Generator
@@ -237,16 +237,13 @@ class SampleStudyStacks(grain.transforms.RandomMap):
             boxed if train else None,
             self.fracture_focus,
         )
-        labels = np.zeros(8, np.float32) if entry.labels is None else entry.labels
         slices = np.stack([slice_labels(entry, boxed, v, centres[v]) for v in range(NUM_VERTEBRAE)])
         return {
+            **pipeline.study_fields(index, entry),
             "image": stacks,
             "found": found,
             "warp": warps,
-            "labels": labels.astype(np.float32),
             "slice_fracture": slices * found[:, None],
-            "has_boxes": np.float32(entry.has_boxes),
-            "study_index": np.int32(index),
         }
 
 

@@ -220,6 +220,28 @@ class StreamSlices(grain.transforms.RandomMap):
         }
 
 
+def sampling_fields(
+    data_config: Mapping[str, Any], train: bool
+) -> tuple[int, dict[str, Any] | None, float]:
+    """What every study sampler (`SampleStudy`, `vertebrae.SampleStudyStacks`) reads of the
+    data config: (context: K slices per stack, augment: its settings in training else
+    None, fracture_focus: the share of training samples drawn around a fracture)."""
+    augment = dict(data_config["augment"]) if train else None
+    return int(data_config["context"]), augment, float(data_config["fracture_focus"])
+
+
+def study_fields(index: int, entry: cache.Entry) -> dict[str, np.ndarray]:
+    """The fields every study example holds, whatever its sampler: labels (8,) float32
+    `[patient_overall, C1..C7]` (zeros for an unlabelled study), has_boxes () float32,
+    study_index () int32 (the entry's index)."""
+    labels = np.zeros(8, np.float32) if entry.labels is None else entry.labels
+    return {
+        "labels": labels.astype(np.float32),
+        "has_boxes": np.float32(entry.has_boxes),
+        "study_index": np.int32(index),
+    }
+
+
 class SampleStudy(grain.transforms.RandomMap):
     """cache.Entry (+ its index) -> one training or evaluation example (see module doc);
     with a `StreamSlices`, plus its fracture-stream slices (training)."""
@@ -229,9 +251,7 @@ class SampleStudy(grain.transforms.RandomMap):
     ):
         # Evaluation examples may see more of a study than training ones (`eval_slices`).
         self.num_slices = int(data_config["num_slices" if train else "eval_slices"])
-        self.context = int(data_config["context"])
-        self.augment = dict(data_config["augment"]) if train else None
-        self.fracture_focus = float(data_config["fracture_focus"])
+        self.context, self.augment, self.fracture_focus = sampling_fields(data_config, train)
         self.stream = stream
 
     def random_map(
@@ -261,19 +281,16 @@ class SampleStudy(grain.transforms.RandomMap):
         if self.augment is not None:
             stacks, (mask, fracture), warp = _augment(stacks, (mask, fracture), rng, self.augment)
         stacks = add_position(stacks, centres, image.shape[0])
-        labels = np.zeros(8, np.float32) if entry.labels is None else entry.labels
         return {
+            **study_fields(index, entry),
             "image": stacks,
             "mask": mask.astype(np.int32),
             "has_mask": np.float32(entry.has_mask),
             "fracture": fracture.astype(np.int32),
             "slice_fracture": fracture.any(axis=(1, 2)).astype(np.float32),
-            "has_boxes": np.float32(entry.has_boxes),
-            "labels": labels.astype(np.float32),
             "valid": np.ones(self.num_slices, np.float32),
             "z": centres.astype(np.float32),
             "warp": warp,
-            "study_index": np.int32(index),
             **(self.stream.random_map(element, rng) if self.stream is not None else {}),
         }
 
