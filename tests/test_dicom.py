@@ -19,7 +19,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from cspine_jax.data.dicom import DicomError, Series, load_series, read_series, write_series
+from cspine_jax.data.dicom import DicomError, Series, load_series, read_series
+from cspine_jax.data.dicom_writer import write_series
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # normal +z: superior
 

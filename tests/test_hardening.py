@@ -36,7 +36,7 @@ from pydicom.uid import (
 from pydicom.valuerep import DSfloat
 
 from cspine_jax import predict
-from cspine_jax.data import cache, dicom, nifti, prepare, rsna
+from cspine_jax.data import cache, dicom, dicom_writer, nifti, prepare, rsna
 from tests.helpers import ROOT, train_cmd
 
 PARAMS = {"grid": 16, "spacing_z": 4.0, "crop": 1.0, "windows": [[400.0, 1800.0]]}
@@ -355,7 +355,7 @@ def written_series(tmp_path_factory):
         "1.2.826.0.1.3680043.8.498.77", hu, (1.25, 0.7, 0.6), positions, AXIAL, np.arange(Z, 0, -1)
     )
     folder = tmp_path_factory.mktemp("series") / "study"
-    dicom.write_series(folder, series)
+    dicom_writer.write_series(folder, series)
     return folder, series
 
 

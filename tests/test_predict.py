@@ -18,7 +18,7 @@ import pytest
 from matplotlib import image as mpimg
 
 from cspine_jax import checkpoints, evaluation, report, saliency, triage_figure
-from cspine_jax.data import dicom, phantom, pipeline, prepare, preprocess
+from cspine_jax.data import dicom, dicom_writer, phantom, pipeline, prepare, preprocess
 from cspine_jax.data.rsna import LABEL_COLUMNS, VERTEBRAE
 from tests.helpers import save_random_heads_run
 
@@ -67,7 +67,7 @@ def tiny_study(tmp_path_factory):
     """(folder of <n>.dcm files, its Series)."""
     study = phantom.generate_study(0, 0, "tiny", with_mask=False, with_boxes=False)
     folder = tmp_path_factory.mktemp("study") / "study0"
-    dicom.write_series(folder, study.series)
+    dicom_writer.write_series(folder, study.series)
     return str(folder), study.series
 
 
