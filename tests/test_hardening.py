@@ -35,7 +35,6 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
-from cspine_jax import predict
 from cspine_jax.data import cache, dicom, dicom_writer, nifti, prepare, rsna
 from tests.helpers import ROOT, train_cmd
 
@@ -818,7 +817,7 @@ def test_crafted_headers_and_file_names_write_only_into_the_cache(phantom_dir, t
 
 @pytest.mark.parametrize("uid", ["../../escape", "/etc/passwd", "a\x00b", "..", ".", "a/b"])
 def test_prediction_files_stay_in_the_output_folder(tmp_path, uid):
-    stem = predict._file_stem(uid)
+    stem = dicom.file_stem(uid)
     for suffix in (".json", ".png"):
         path = os.path.join(tmp_path, stem + suffix)
         assert os.path.dirname(os.path.normpath(path)) == str(tmp_path)

@@ -249,6 +249,12 @@ class StoredSlice:
         return out
 
 
+def file_stem(uid: str) -> str:
+    """A header UID (or a folder name standing in for one) as a file name: only letters,
+    digits, `.`, `-` and `_` are kept, others become `_`, so it cannot leave its folder."""
+    return re.sub(r"[^\w.-]", "_", uid)
+
+
 def _slice_axis(normal: np.ndarray) -> np.ndarray:
     """The unit normal signed to point inferior (patient z decreasing): axis 0's direction.
 
