@@ -87,11 +87,15 @@ def _predict_into(env, study, workdir, out):
     folder, series = study
     result = _predict(env, folder, f"--workdir={workdir}", f"--out={out}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # After the result line, the decision and the paths written.
+    # After the result line, the decision and the paths written, then the summary.
     lines = result.stdout.strip().splitlines()
-    assert lines[-4].startswith(f"{series.uid}: patient_overall "), result.stdout
-    assert lines[-3].startswith("suspected levels: "), result.stdout
-    assert lines[-2:] == [f"wrote {out / series.uid}.json", f"wrote {out / series.uid}.png"]
+    assert lines[-5].startswith(f"{series.uid}: patient_overall "), result.stdout
+    assert lines[-4].startswith("suspected levels: "), result.stdout
+    assert lines[-3:] == [
+        f"wrote {out / series.uid}.json",
+        f"wrote {out / series.uid}.png",
+        f"wrote {out / 'summary.csv'}",
+    ]
     with open(out / f"{series.uid}.json") as f:
         return json.load(f)
 
