@@ -39,7 +39,8 @@ JSON: probabilities and `thresholds` (label -> decision threshold) in [0, 1];
 above their threshold), `patient_overall_suspected`; `source_spacing_mm` (dz, dy, dx) and
 `prepared_spacing_mm` (spacing_z, dy, dx) in mm, voxel order (z, y, x); `placement`, where
 the model's grid lay on the source slices (`preprocess.Placement.to_json`: the spine found,
-in source pixels); `picture_planes` in source voxel indices; times in seconds.
+in source pixels); `picture_planes` in source voxel indices; times in seconds; with
+`--dicom_out`, `dicom`: {"sr", "seg", "sc"} -> the DICOM files written.
 """
 
 from __future__ import annotations
