@@ -106,10 +106,6 @@ def _algorithm_parameters(triage: Triage) -> list[str]:
     return [f"checkpoint step {triage.checkpoint_step}", f"thresholds: {triage.thresholds_from}"]
 
 
-def _unit() -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept("1", "UCUM", "no units")
-
-
 def structured_report(sources: Sequence[Dataset], triage: Triage) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 measurement report of `triage` on `sources` (the CT, slice order)."""
     algorithm = hd.sr.AlgorithmIdentification(
@@ -127,8 +123,11 @@ def structured_report(sources: Sequence[Dataset], triage: Triage) -> hd.sr.Compr
                 algorithm_id=algorithm,
                 finding_sites=[hd.sr.FindingSite(SITES[name])],
                 measurements=[
-                    hd.sr.Measurement(FRACTURE_PROBABILITY, float(p), _unit()),
-                    hd.sr.Measurement(DECISION_THRESHOLD, float(triage.thresholds[name]), _unit()),
+                    hd.sr.Measurement(concept, float(value), codes.UCUM.NoUnits)
+                    for concept, value in (
+                        (FRACTURE_PROBABILITY, p),
+                        (DECISION_THRESHOLD, triage.thresholds[name]),
+                    )
                 ],
                 qualitative_evaluations=[
                     hd.sr.QualitativeEvaluation(
