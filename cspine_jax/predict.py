@@ -346,8 +346,10 @@ def main(argv: Sequence[str]) -> int:
             say(f"{record['StudyInstanceUID']}: {probs}  ({record['seconds']:.1f} s)")
             suspected = ", ".join(record["suspected"]) or "none"
             say(f"suspected levels: {suspected}; decision thresholds: {record['thresholds_from']}")
-            for path in (record["json"], record["picture"], *record.get("dicom", {}).values()):
-                say(f"wrote {path}")
+            say(f"wrote {record['json']}")
+            say(f"wrote {record['picture']}")
+            for kind, path in record.get("dicom", {}).items():
+                say(f"wrote {path} (DICOM {kind.upper()})")
             if peer is not None:
                 paths = list(record["dicom"].values())
                 pacs.send(paths, *peer, FLAGS.called_ae, FLAGS.calling_ae, report=say)
