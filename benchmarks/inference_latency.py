@@ -29,7 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from cspine_jax import checkpoints, evaluation  # noqa: E402
-from cspine_jax.data import dicom, phantom, prepare, preprocess  # noqa: E402
+from cspine_jax.data import dicom, dicom_writer, phantom, prepare, preprocess  # noqa: E402
 from cspine_jax.models import single  # noqa: E402
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "default.py")
@@ -90,7 +90,7 @@ def main(argv):
     with tempfile.TemporaryDirectory() as tmp:
         study = phantom.generate_study(index, 0, "full", with_mask=False, with_boxes=False)
         folder = os.path.join(tmp, study.series.uid)
-        dicom.write_series(folder, study.series, transfer_syntax=ExplicitVRLittleEndian)
+        dicom_writer.write_series(folder, study.series, transfer_syntax=ExplicitVRLittleEndian)
         series_shape, spacing = study.series.hu.shape, study.series.spacing
         del study
         _run_once(folder, params, predictor)  # compile, warm the page cache

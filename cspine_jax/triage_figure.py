@@ -130,6 +130,33 @@ class View:
         )
 
 
+def _source_cells(
+    series: dicom.Series, prepared: preprocess.Prepared, segmentation: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z_src,), (h_src,), (w_src,) int64: for each source slice, row and column, its cell of
+    `_with_border(segmentation)` (nearest prepared slice; rows and columns as `_cells`)."""
+    placement = prepared.placement
+    if placement is None:
+        raise ValueError("the source grid needs prepared.placement (preprocess.prepare_series)")
+    z_src = series.hu.shape[0]
+    z_p = prepared.image.shape[0]
+    h_seg, w_seg = segmentation.shape[1:]
+    # Source slice i lies at prepared index i * dz / spacing_z (both start at the top slice).
+    z_at_src = np.arange(z_src) * series.spacing[0] / prepared.spacing[0]
+    z_cell = np.clip(np.rint(z_at_src), 0, z_p - 1).astype(np.int64)
+    return z_cell, _cells(placement, 0, h_seg), _cells(placement, 1, w_seg)
+
+
+def source_labels(
+    series: dicom.Series, prepared: preprocess.Prepared, segmentation: np.ndarray
+) -> np.ndarray:
+    """(z, y, x) uint8 predicted labels 0 (background), 1..7 (C1..C7) at every source voxel:
+    `segmentation` (z', h, w) looked up at the nearest cell, as the views draw them; 0
+    outside the square the study was prepared on."""
+    z_cell, rows_cell, cols_cell = _source_cells(series, prepared, segmentation)
+    return _with_border(segmentation)[np.ix_(z_cell, rows_cell, cols_cell)].astype(np.uint8)
+
+
 def study_views(
     series: dicom.Series,
     prepared: preprocess.Prepared,
@@ -153,8 +180,7 @@ def study_views(
     windows: the run's HU windows; the one with the highest centre is the bone window.
     """
     placement = prepared.placement
-    if placement is None:
-        raise ValueError("study_views needs prepared.placement (preprocess.prepare_series)")
+    z_cell, rows_cell, cols_cell = _source_cells(series, prepared, segmentation)
     hu = series.hu
     z_src, h_src, w_src = hu.shape
     dz, dy, dx = series.spacing
@@ -177,10 +203,7 @@ def study_views(
         course = spine_course(cells >= threshold, spacing_z)
     if course is None:
         course = np.tile([(h_seg - 1) / 2, (w_seg - 1) / 2], (z_p, 1))
-    # Source slice i lies at prepared index i * dz / spacing_z (both start at the top slice).
-    z_at_src = np.arange(z_src) * dz / spacing_z
-    z_cell = np.clip(np.rint(z_at_src), 0, z_p - 1).astype(np.int64)
-    rows_cell, cols_cell = _cells(placement, 0, h_seg), _cells(placement, 1, w_seg)
+    z_at_src = np.arange(z_src) * dz / spacing_z  # as in `_source_cells`
     bordered = _with_border(segmentation)
 
     def gray(hu_plane: np.ndarray) -> np.ndarray:

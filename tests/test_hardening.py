@@ -36,8 +36,7 @@ from pydicom.uid import (
 from pydicom.valuerep import DSfloat
 
 from benchmarks.interruption import ROOT, train_cmd
-from cspine_jax import predict
-from cspine_jax.data import cache, dicom, nifti, prepare, rsna
+from cspine_jax.data import cache, dicom, dicom_writer, nifti, prepare, rsna
 
 PARAMS = {"grid": 16, "spacing_z": 4.0, "crop": 1.0, "windows": [[400.0, 1800.0]]}
 
@@ -355,7 +354,7 @@ def written_series(tmp_path_factory):
         "1.2.826.0.1.3680043.8.498.77", hu, (1.25, 0.7, 0.6), positions, AXIAL, np.arange(Z, 0, -1)
     )
     folder = tmp_path_factory.mktemp("series") / "study"
-    dicom.write_series(folder, series)
+    dicom_writer.write_series(folder, series)
     return folder, series
 
 
@@ -818,7 +817,7 @@ def test_crafted_headers_and_file_names_write_only_into_the_cache(phantom_dir, t
 
 @pytest.mark.parametrize("uid", ["../../escape", "/etc/passwd", "a\x00b", "..", ".", "a/b"])
 def test_prediction_files_stay_in_the_output_folder(tmp_path, uid):
-    stem = predict._file_stem(uid)
+    stem = dicom.file_stem(uid)
     for suffix in (".json", ".png"):
         path = os.path.join(tmp_path, stem + suffix)
         assert os.path.dirname(os.path.normpath(path)) == str(tmp_path)

@@ -4,7 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cspine_jax.data.dicom import Series, load_series, write_series
+from cspine_jax.data.dicom import Series, load_series
+from cspine_jax.data.dicom_writer import write_series
 from cspine_jax.data.nifti import MaskError, load_mask, write_mask
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from cspine_jax.data import cache, dicom, nifti, phantom, prepare, preprocess, rsna
+from cspine_jax.data import cache, dicom, dicom_writer, nifti, phantom, prepare, preprocess, rsna
 
 PARAMS = {"grid": 16, "spacing_z": 2.0, "crop": 1.0, "windows": [[400.0, 1800.0], [40.0, 400.0]]}
 
@@ -82,7 +82,7 @@ def test_streaming_prepare_matches_the_full_volume_path(
         )
         if s.boxes
     )
-    dicom.write_series(tmp_path, study.series, unsigned=unsigned)
+    dicom_writer.write_series(tmp_path, study.series, unsigned=unsigned)
     # One slice with its own rescale: the stream must rescale slice by slice.
     odd = pydicom.dcmread(tmp_path / "7.dcm")
     odd.RescaleSlope, odd.RescaleIntercept = 0.5, -700
@@ -165,7 +165,7 @@ def dataset(tmp_path):
     rows = []
     for i, uid in enumerate(["1.2.1", "1.2.2", "1.2.3"]):
         series = _series(uid, 12, reverse=i == 1)
-        dicom.write_series(root / "train_images" / uid, series)
+        dicom_writer.write_series(root / "train_images" / uid, series)
         rows.append(f"{uid},{int(i == 0)},{int(i == 0)},0,0,0,0,0,0")
         if i == 0:
             os.makedirs(root / "segmentations")

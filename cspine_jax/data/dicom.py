@@ -1,5 +1,5 @@
 """DICOM CT series: read an RSNA study folder into a Hounsfield volume (or hand its slices one
-by one to a consumer that resamples them as they are decoded), and write one back.
+by one to a consumer that resamples them as they are decoded). `dicom_writer` writes one.
 
 A study folder holds one axial CT series, one slice per DICOM file. Files are recognised by
 their content, not their name: RSNA names them `<n>.dcm`, PACS exports `IM0001`, `1.2.840...`
@@ -30,23 +30,14 @@ import pydicom
 import pydicom.pixels
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 from pydicom.uid import (
-    UID,
-    CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
     MediaStorageDirectoryStorage,
-    RLELossless,
-    generate_uid,
 )
-from pydicom.valuerep import DSfloat
 
 _T = TypeVar("_T")
 
@@ -81,14 +72,6 @@ _NUMBERED = re.compile(r"([0-9]{1,18})(?:\.dcm)?", re.IGNORECASE)
 # Keyword -> tag, looked up once rather than per element read.
 _tag = functools.cache(Tag)
 
-# Stored value = HU - intercept, the usual CT convention.
-_INTERCEPT = -1024.0
-_BONE_WINDOW = (500.0, 2000.0)  # (center, width) HU
-# Encapsulated syntaxes that keep the stored integers exactly, so write -> load round-trips.
-_LOSSLESS_ENCAPSULATED = frozenset(
-    {RLELossless, JPEG2000Lossless, JPEGLSLossless, JPEGLossless, JPEGLosslessSV1}
-)
-
 
 class DicomError(ValueError):
     """A DICOM folder or file that cannot be read as one CT volume; message `<path>: <problem>`."""
@@ -111,6 +94,8 @@ class SeriesHeader:
         increasing x index), then column direction (increasing y index).
       slice_numbers: (z,) int64 slice number of each slice, in axis-0 order: n of files named
         `<n>.dcm` or `<n>`, else InstanceNumber (see `_slice_numbers`).
+      files: (z,) the DICOM file of each slice, in axis-0 order (what results derived from
+        the series reference); empty for a volume that was not read from files.
     """
 
     uid: str
@@ -119,6 +104,7 @@ class SeriesHeader:
     positions: np.ndarray
     orientation: np.ndarray
     slice_numbers: np.ndarray
+    files: tuple[Path, ...] = ()
 
     def __post_init__(self):
         coerced = {
@@ -127,6 +113,7 @@ class SeriesHeader:
             "positions": np.asarray(self.positions, np.float64),
             "orientation": np.asarray(self.orientation, np.float64),
             "slice_numbers": np.asarray(self.slice_numbers, np.int64),
+            "files": tuple(Path(f) for f in self.files),
         }
         for name, value in coerced.items():
             object.__setattr__(self, name, value)
@@ -141,6 +128,8 @@ class SeriesHeader:
         for name, (got, want) in expected.items():
             if got != want:
                 raise ValueError(f"Series {self.uid}: {name} has shape/ndim {got}, expected {want}")
+        if self.files and len(self.files) != z:
+            raise ValueError(f"Series {self.uid}: {len(self.files)} files for {z} slices")
 
     @property
     def normal(self) -> np.ndarray:
@@ -176,7 +165,7 @@ class Series:
     Attributes:
       uid: StudyInstanceUID (the RSNA study id).
       hu: (z, y, x) float32 Hounsfield units; axis 0 runs from the most superior slice down.
-      spacing, positions, orientation, slice_numbers: as in `SeriesHeader`.
+      spacing, positions, orientation, slice_numbers, files: as in `SeriesHeader`.
     """
 
     uid: str
@@ -185,11 +174,12 @@ class Series:
     positions: np.ndarray
     orientation: np.ndarray
     slice_numbers: np.ndarray
+    files: tuple[Path, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "hu", np.asarray(self.hu, np.float32))
         # The header validates and coerces the geometry; the series keeps the coerced values.
-        for name in ("spacing", "positions", "orientation", "slice_numbers"):
+        for name in ("spacing", "positions", "orientation", "slice_numbers", "files"):
             object.__setattr__(self, name, getattr(self.header, name))
 
     @functools.cached_property
@@ -202,6 +192,7 @@ class Series:
             self.positions,
             self.orientation,
             self.slice_numbers,
+            self.files,
         )
 
     @property
@@ -256,6 +247,12 @@ class StoredSlice:
             np.multiply(values, np.float32(self.slope), out=out)
             out += np.float32(self.intercept)
         return out
+
+
+def file_stem(uid: str) -> str:
+    """A header UID (or a folder name standing in for one) as a file name: only letters,
+    digits, `.`, `-` and `_` are kept, others become `_`, so it cannot leave its folder."""
+    return re.sub(r"[^\w.-]", "_", uid)
 
 
 def _slice_axis(normal: np.ndarray) -> np.ndarray:
@@ -485,10 +482,11 @@ def _read_datasets(
             f"no DICOM files here, but {n} sub-folder{'s' * (n > 1)} (one study each?): "
             f"pass one study's folder, e.g. {folder / subfolders[0]}",
         )
-    if ignored:
-        warnings.warn(f"{folder}: ignoring non-DICOM files {ignored}", stacklevel=3)
+    # The error before the warning: a folder of other files alone is one line, not two.
     if not datasets:
         raise DicomError(folder, "no DICOM files")
+    if ignored:
+        warnings.warn(f"{folder}: ignoring non-DICOM files {ignored}", stacklevel=3)
     return datasets, results
 
 
@@ -638,6 +636,7 @@ def read_series(
         positions=positions[order],
         orientation=orientation,
         slice_numbers=_slice_numbers(datasets)[order],
+        files=tuple(paths[i] for i in order),
     )
     return header, [results[i] for i in order]
 
@@ -744,103 +743,11 @@ def load_series(folder: str | os.PathLike) -> Series:
     for k, s in enumerate(stored):
         s.rescale(s.pixels, out=hu[k])
     return Series(
-        header.uid, hu, header.spacing, header.positions, header.orientation, header.slice_numbers
+        header.uid,
+        hu,
+        header.spacing,
+        header.positions,
+        header.orientation,
+        header.slice_numbers,
+        header.files,
     )
-
-
-def _ds(values) -> list[DSfloat]:
-    # DS strings are limited to 16 characters; auto_format rounds instead of failing to write.
-    return [DSfloat(float(v), auto_format=True) for v in np.ravel(values)]
-
-
-def write_series(
-    folder: str | os.PathLike,
-    series: Series,
-    *,
-    transfer_syntax: str = ExplicitVRLittleEndian,
-    unsigned: bool = False,
-) -> None:
-    """Write `series` as a scanner would: one CT Image Storage file `<n>.dcm` per slice.
-
-    Stored value = round(HU + 1024) clipped to the storage range: int16 (BitsStored 16) or,
-    with `unsigned`, uint16 with BitsStored 12 (HU -1024..3071). RescaleIntercept -1024,
-    slope 1. UIDs are derived deterministically from the study uid. Files of the same name
-    in `folder` are overwritten; other files are left alone.
-
-    Args:
-      folder: output folder (created).
-      series: the volume; slice i goes to `{series.slice_numbers[i]}.dcm` at positions[i].
-      transfer_syntax: Explicit/Implicit VR Little Endian, or a lossless encapsulated syntax
-        with an encoder here (RLE Lossless always; JPEG 2000 Lossless with pylibjpeg-openjpeg;
-        JPEG-LS / JPEG Lossless only where a plugin provides one).
-      unsigned: store uint16 (PixelRepresentation 0) instead of int16.
-
-    Raises:
-      DicomError: unsupported transfer syntax, or an encoder plugin is missing.
-      ValueError: non-finite HU values.
-    """
-    folder = Path(folder)
-    ts = UID(transfer_syntax)
-    if not ts.is_transfer_syntax:
-        raise DicomError(folder, f"{ts} is not a transfer syntax UID")
-    if ts.is_encapsulated:
-        if ts not in _LOSSLESS_ENCAPSULATED:
-            raise DicomError(
-                folder,
-                f"cannot write {ts.name}: only lossless syntaxes keep the "
-                "stored values (RLE, JPEG 2000 / JPEG-LS / JPEG Lossless)",
-            )
-        try:
-            encoder = pydicom.pixels.get_encoder(ts)
-        except NotImplementedError:
-            raise DicomError(folder, f"pydicom has no encoder for {ts.name}") from None
-        if not encoder.is_available:
-            raise DicomError(
-                folder, f"no encoder plugin installed for {ts.name}: {encoder.missing_dependencies}"
-            )
-    elif not ts.is_little_endian or ts.is_deflated:
-        raise DicomError(
-            folder,
-            f"cannot write {ts.name}: use a little endian or lossless encapsulated transfer syntax",
-        )
-    if not np.isfinite(series.hu).all():
-        raise ValueError(f"Series {series.uid}: non-finite HU values")
-
-    dtype, bits, lo, hi = (np.uint16, 12, 0, 4095) if unsigned else (np.int16, 16, -32768, 32767)
-    stored = np.clip(np.rint(series.hu - _INTERCEPT), lo, hi).astype(dtype)
-    folder.mkdir(parents=True, exist_ok=True)
-    series_uid = generate_uid(entropy_srcs=[series.uid, "series"])
-    frame_uid = generate_uid(entropy_srcs=[series.uid, "frame of reference"])
-    for pos, number, pixels in zip(series.positions, series.slice_numbers, stored, strict=True):
-        sop_uid = generate_uid(entropy_srcs=[series.uid, "slice", str(number)])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian if ts.is_encapsulated else ts
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = series.uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PatientID = series.uid
-        ds.Modality = "CT"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SeriesNumber = 1
-        ds.InstanceNumber = int(number)
-        ds.PatientPosition = "HFS"
-        ds.ImagePositionPatient = _ds(pos)
-        ds.ImageOrientationPatient = _ds(series.orientation)
-        ds.SliceLocation = _ds(pos[2])[0]
-        ds.SliceThickness = _ds(series.spacing[0])[0]
-        ds.PixelSpacing = _ds(series.spacing[1:])
-        ds.RescaleIntercept = _ds(_INTERCEPT)[0]
-        ds.RescaleSlope = _ds(1.0)[0]
-        ds.RescaleType = "HU"
-        ds.WindowCenter = _ds(_BONE_WINDOW[0])[0]
-        ds.WindowWidth = _ds(_BONE_WINDOW[1])[0]
-        ds.set_pixel_data(pixels, "MONOCHROME2", bits, generate_instance_uid=False)
-        if ts.is_encapsulated:
-            ds.compress(ts, generate_instance_uid=False)
-        ds.save_as(folder / f"{number}.dcm", enforce_file_format=True)

@@ -139,7 +139,7 @@ def dataset_flags(index: int, seed: int, mask_fraction: float, box_fraction: flo
 
 def _write_one(job):
     out, index, seed, size, mask_fraction, box_fraction, framing = job
-    from cspine_jax.data.dicom import write_series
+    from cspine_jax.data.dicom_writer import write_series
     from cspine_jax.data.nifti import write_mask
 
     with_mask, with_boxes = dataset_flags(index, seed, mask_fraction, box_fraction)
