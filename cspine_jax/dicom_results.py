@@ -99,7 +99,27 @@ def source_datasets(series: dicom.Series) -> list[Dataset]:
     """
     if not series.files:
         raise ValueError(f"Series {series.uid}: not read from files, nothing to reference")
-    return [pydicom.dcmread(path, stop_before_pixels=True) for path in series.files]
+    sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in series.files]
+    for ds in sources:
+        # Type 2 attributes of the patient and study modules the results copy: many exports
+        # omit them rather than leave them empty; present and empty is what they mean.
+        for keyword in _COPIED_TYPE_2:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+    return sources
+
+
+_COPIED_TYPE_2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
 
 
 def _algorithm_parameters(triage: Triage) -> list[str]:

@@ -191,6 +191,31 @@ def test_results_are_valid_dicom_and_round_trip(studies, tmp_path):
     np.testing.assert_array_equal(pydicom.dcmread(paths["sc"]).pixel_array, triage.picture)
 
 
+def test_sources_without_type_2_attributes_still_give_results(studies, tmp_path):
+    """Many exports omit Type 2 attributes (absent, not empty); the results carry them empty
+    and stay valid."""
+    _, good_dir, study, _ = studies
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    for path in sorted(good_dir.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        for keyword in ("PatientName", "StudyDate", "AccessionNumber", "ReferringPhysicianName"):
+            delattr(ds, keyword)
+        ds.save_as(folder / path.name)
+    series = dicom.load_series(folder)
+    triage = dicom_results.Triage(
+        probs=np.full(8, 0.3),
+        thresholds=dict.fromkeys(LABEL_COLUMNS, 0.5),
+        thresholds_from="the test",
+        checkpoint_step=1,
+        labels=np.zeros(study.labels_zyx.shape, np.uint8),
+        picture=np.zeros((8, 8, 3), np.uint8),
+    )
+    for path in dicom_results.write_results(series, triage, str(tmp_path / "dicom")).values():
+        assert dciodvfy_errors(path) == [], path
+        assert pydicom.dcmread(path).PatientName == ""
+
+
 def test_writes_are_atomic(studies, tmp_path, monkeypatch):
     """A write that fails midway leaves no file behind, neither the target nor a temporary."""
     _, good_dir, _, _ = studies
