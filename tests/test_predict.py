@@ -8,6 +8,7 @@ two training steps leave those layers near their zero start, so every study and 
 nearly the same probability, too alike for a comparison of probabilities to tell them apart.
 """
 
+import csv
 import json
 import os
 import shutil
@@ -235,7 +236,10 @@ def test_cli_errors_are_one_line_and_exit_1(env, tiny_study, tmp_path):
 
     line = _error_line(_predict(env, folder, f"--workdir={tmp_path / 'no_run'}", f"--out={out}"))
     assert "no checkpoint" in line, line
-    assert not out.exists() or not list(out.iterdir())
+    # Nothing written but the summary, whose rows are the failures.
+    assert {p.name for p in out.iterdir()} <= {"summary.csv"}
+    with open(out / "summary.csv") as f:
+        assert all(row["error"] for row in csv.DictReader(f))
 
 
 def test_unstack_context_is_the_adjoint_of_stack_context():

@@ -21,11 +21,11 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from benchmarks.interruption import ROOT, check_checkpoints
 from configs import rsna
 from cspine_jax.data import prepare, preprocess
 from cspine_jax.models.backbone import space_to_depth
 from cspine_jax.models.heads import depth_to_space
-from tests.helpers import ROOT, check_checkpoints
 
 # Seed 2 with a third of them masked: a positive study with boxes and a mask, a negative with a
 # mask and one without (so mask_oversample weighs the training draws).
