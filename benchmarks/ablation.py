@@ -59,6 +59,10 @@ ROWS = {
         "no fracture stream: the map learns from the study bags' slices alone",
         ["data.stream.slices=0", "loss.stream=0.0"],
     ),
+    "stream_heavy": (
+        "the step's slices shifted to the stream: 16 studies x 4 slices + 96 stream slices",
+        ["optim.batch_size=16", "data.stream.slices=96"],
+    ),
     "image_skip": (
         "finer features: the input image into the decoder's finest level",
         ["model.image_skip=True"],
