@@ -144,8 +144,7 @@ def check_checkpoints(workdir: str | os.PathLike) -> list[int]:
     iterator state); returns the steps. Raises if one does not restore."""
     from cspine_jax import checkpoints
 
-    mngr = checkpoints.manager(str(workdir), read_only=True)
-    try:
+    with checkpoints.manager(str(workdir), read_only=True) as mngr:
         steps = mngr.all_steps()
         for step in steps:
             checkpoints.load_model(str(workdir), step)  # state and config
@@ -154,8 +153,6 @@ def check_checkpoints(workdir: str | os.PathLike) -> list[int]:
             assert data, f"step {step}: no data iterator state"
             for path in data:
                 json.loads(path.read_text())
-    finally:
-        mngr.close()
     return list(steps)
 
 
@@ -166,9 +163,8 @@ def latest_params(workdir: str | os.PathLike) -> tuple[int, dict]:
 
     from cspine_jax import checkpoints
 
-    mngr = checkpoints.manager(str(workdir), read_only=True)
-    step = mngr.latest_step()
-    mngr.close()
+    with checkpoints.manager(str(workdir), read_only=True) as mngr:
+        step = mngr.latest_step()
     model, _, _ = checkpoints.load_model(str(workdir), step)
     flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
     return step, {jax.tree_util.keystr(k): jax.device_get(v) for k, v in flat}

@@ -126,6 +126,18 @@ def _algorithm_parameters(triage: Triage) -> list[str]:
     return [f"checkpoint step {triage.checkpoint_step}", f"thresholds: {triage.thresholds_from}"]
 
 
+def _new_instance(kind: str) -> dict:
+    """The keywords every result's constructor takes alike: a new series (its number by
+    `kind`: "sr", "seg", "sc") holding one new instance, by this manufacturer."""
+    return dict(
+        series_instance_uid=hd.UID(),
+        series_number=_SERIES_NUMBERS[kind],
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+    )
+
+
 def structured_report(sources: Sequence[Dataset], triage: Triage) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 measurement report of `triage` on `sources` (the CT, slice order)."""
     algorithm = hd.sr.AlgorithmIdentification(
@@ -170,11 +182,7 @@ def structured_report(sources: Sequence[Dataset], triage: Triage) -> hd.sr.Compr
     sr = hd.sr.Comprehensive3DSR(
         evidence=sources,
         content=report,
-        series_instance_uid=hd.UID(),
-        series_number=_SERIES_NUMBERS["sr"],
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
+        **_new_instance("sr"),
         is_complete=True,
     )
     sr.SeriesDescription = f"{ALGORITHM} fracture SR, {DISCLAIMER}"
@@ -211,11 +219,7 @@ def segmentation(sources: Sequence[Dataset], triage: Triage) -> hd.seg.Segmentat
         pixel_array=triage.labels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments,
-        series_instance_uid=hd.UID(),
-        series_number=_SERIES_NUMBERS["seg"],
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
+        **_new_instance("seg"),
         manufacturer_model_name=ALGORITHM,
         software_versions=cspine_jax.__version__,
         device_serial_number="none",
@@ -240,11 +244,7 @@ def secondary_capture(sources: Sequence[Dataset], picture: np.ndarray) -> hd.sc.
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         patient_orientation=("F", "L"),  # replaced below: highdicom wants a value here
-        series_instance_uid=hd.UID(),
-        series_number=_SERIES_NUMBERS["sc"],
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
+        **_new_instance("sc"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
     # Three views side by side share no patient orientation along the picture's axes:

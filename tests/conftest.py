@@ -44,6 +44,21 @@ def data_env(tmp_path_factory):
     return env, cache_dir
 
 
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Subprocess environment of the CLI tests: CPU, one device, a private phantom/prepared
+    cache root per test module."""
+    env = {
+        **os.environ,
+        "CSPINE_CACHE": str(tmp_path_factory.mktemp("cspine_cache")),
+        "JAX_PLATFORMS": "cpu",
+        "JAX_NUM_CPU_DEVICES": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(data_env):
     """The RSNA-layout folder of the tiny phantoms behind `data_env`'s cache."""

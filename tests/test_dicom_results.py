@@ -29,20 +29,6 @@ from tests.helpers import ROOT, save_random_heads_run
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Subprocess environment: CPU, one device, a private cache root."""
-    env = {
-        **os.environ,
-        "CSPINE_CACHE": str(tmp_path_factory.mktemp("cspine_cache")),
-        "JAX_PLATFORMS": "cpu",
-        "JAX_NUM_CPU_DEVICES": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
-@pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny random-heads run whose metrics.json saved a threshold of 0.5 for every label."""
     workdir = tmp_path_factory.mktemp("run")

@@ -31,21 +31,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Subprocess environment: CPU, one device, a private phantom/prepared cache root."""
-    root = str(tmp_path_factory.mktemp("cspine_cache"))
-    env = {
-        **os.environ,
-        "CSPINE_CACHE": root,
-        "JAX_PLATFORMS": "cpu",
-        "JAX_NUM_CPU_DEVICES": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
-@pytest.fixture(scope="module")
 def tiny_run(env, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     result = subprocess.run(

@@ -269,11 +269,8 @@ def test_two_processes_train_like_one(data_env, tmp_path):
 
 def _saved_metrics(workdir):
     """{step: the validation metrics saved with it} of a run's checkpoints."""
-    mngr = checkpoints.manager(str(workdir), read_only=True)
-    try:
+    with checkpoints.manager(str(workdir), read_only=True) as mngr:
         return {step: mngr.metrics(step) for step in sorted(mngr.all_steps())}
-    finally:
-        mngr.close()
 
 
 @pytest.mark.slow
